@@ -1,0 +1,1 @@
+"""Hydra config tree of darwin-hydra (shipped as the package darwin_hydra_conf)."""
