@@ -1,0 +1,88 @@
+"""The two-phase CMA-ES loop on a synthetic fitness: convergence, determinism, early stop, resume after SIGKILL."""
+
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from darwin_hydra.search.genome import GenomeSpace
+from darwin_hydra.search.loop import search
+
+TARGET = {"global_ratio": 0.7, "attn_ratio": 0.3, "ffn_ratio": 0.6, "embed_ratio": 0.5, "density_a": 0.9, "density_b": 0.8}
+
+
+def space():
+    return GenomeSpace.from_config(OmegaConf.load("conf/genome/darwin_v5.yaml"), 4)
+
+
+def sphere(genes):
+    return -sum((genes[g] - TARGET[g]) ** 2 for g in TARGET)
+
+
+def run(tmp_path, name="s", seed=0, **kw):
+    sp = space()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    args = dict(phase1_trials=30, phase2_top_k=3, phase2_trials=12, patience=100, min_delta=0.0)
+    args.update(kw)
+    return search(sp, sp.centre(), sphere, sphere, storage=f"sqlite:///{tmp_path}/study.db", study_name=name, seed=seed, **args)
+
+
+def test_search_improves_on_start_and_phase2_uses_budget(tmp_path):
+    res = run(tmp_path)
+    start = sphere(space().centre())
+    assert res.best_value > start
+    assert res.best_phase == 2 and res.benchmark_evaluations == 12
+    assert res.history[0].genes == pytest.approx(space().centre())  # the start genome is trial 0
+
+
+def test_same_seed_same_best_genome(tmp_path):
+    a = run(tmp_path / "a", seed=3)
+    b = run(tmp_path / "b", seed=3)
+    assert a.best_genes == b.best_genes and a.best_value == b.best_value
+
+
+def test_early_stop_with_patience(tmp_path):
+    res = search(space(), space().centre(), sphere, lambda g: 1.0, storage=f"sqlite:///{tmp_path}/s.db",
+                 study_name="flat", seed=0, phase1_trials=5, phase2_top_k=2, phase2_trials=50, patience=3, min_delta=0.0)
+    assert res.stopped_early and res.benchmark_evaluations == 4  # first trial sets best, then 3 without gain
+
+
+def test_resume_after_sigkill_keeps_finished_trials_and_reruns_the_killed_one(tmp_path):
+    db = tmp_path / "study.db"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from omegaconf import OmegaConf
+        from darwin_hydra.search.genome import GenomeSpace
+        from darwin_hydra.search.loop import search
+        sp = GenomeSpace.from_config(OmegaConf.load("conf/genome/darwin_v5.yaml"), 4)
+        calls = 0
+        def fit(g):
+            global calls
+            calls += 1
+            if calls == 8 and sys.argv[1] == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return -sum((g[k] - 0.3) ** 2 for k in g if k in sp.genes)
+        res = search(sp, sp.centre(), fit, None, storage="sqlite:///{db}", study_name="k", seed=0,
+                     phase1_trials=12, phase2_top_k=0, phase2_trials=0, patience=5, min_delta=0.0)
+        print("CALLS", calls)
+    """)
+    p = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True)
+    assert p.returncode == -9
+    study = optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 7
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1
+    killed_params = running[0].params
+
+    p = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "CALLS 5" in p.stdout  # 12 - 7 finished: no finished trial evaluated again
+    study = optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 12
+    reruns = [t for t in complete if t.user_attrs.get("rerun_of") == running[0].number]
+    assert len(reruns) == 1 and reruns[0].params == killed_params
