@@ -69,6 +69,27 @@ class RunContext:
                 )
         return self._paths[role]
 
+    def readers(self) -> dict:
+        """Streaming readers of the parents present (father, mother, and base when given)."""
+        if "_readers" not in self.artifacts:
+            from darwin_hydra.io.checkpoint import CheckpointReader
+
+            allow_pickle = bool(self.cfg.parents.allow_pickle)
+            self.artifacts["_readers"] = {
+                role: CheckpointReader(path, allow_pickle=allow_pickle)
+                for role in ("father", "mother", "base")
+                if (path := self.parent_path(role)) is not None
+            }
+        return self.artifacts["_readers"]
+
+    def check_parents(self) -> None:
+        """The pre-merge compatibility check (headers only): run once, before any heavy work."""
+        if not self.artifacts.get("_parents_checked"):
+            from darwin_hydra.io.checkpoint import check_compatible
+
+            check_compatible(self.readers())
+            self.artifacts["_parents_checked"] = True
+
     @property
     def child_dir(self) -> Path:
         return self.run_dir / str(self.cfg.export.dir_name)
