@@ -135,6 +135,10 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> RunContext:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
     stages = build_stages(cfg)  # fail on a bad stage list before any heavy work
+    if "search" in cfg.pipeline.stages:
+        from darwin_hydra.search.fitness import check_honest_split
+
+        check_honest_split(cfg.benchmark)  # refuse before the scan, not after it
     ctx = RunContext(cfg, run_dir)
     ctx.tracker = Tracker(cfg, ctx.run_dir)
     try:

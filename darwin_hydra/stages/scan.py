@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import OmegaConf
-
 from darwin_hydra.pipeline import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
 
 def ensure_scan(ctx: RunContext):
-    """The MRI of the run's parents: from this run's artifacts, else the scan cache, else scanned now."""
+    """The MRI of the run's parents: from this run (memory or scan/scan.json), else the scan cache,
+    else scanned now."""
     if "scan" not in ctx.artifacts:
         from darwin_hydra.mri.config import mri_config, probes_config
-        from darwin_hydra.mri.scan import run_scan
+        from darwin_hydra.mri.scan import MriResult, run_scan
+
+        saved = ctx.run_dir / "scan" / "scan.json"
+        if saved.exists():  # this run's own scan (a stage run on its own, a resume, a reproduction)
+            ctx.artifacts["scan"] = MriResult.load(saved)
+            return ctx.artifacts["scan"]
 
         ctx.check_parents()
         ctx.artifacts["scan"] = run_scan(
@@ -39,4 +43,4 @@ class ScanStage(Stage):
         log.info("Model MRI of %s:\n%s", ctx.cfg.parents.name, table)
         ctx.tracker.log_images({f"mri/{k}": v for k, v in result.chart_paths.items()})
         ctx.tracker.log_artifact("scan", "mri", [ctx.run_dir / "scan" / "scan.json"])
-        ctx.tracker.log_summary({"mri/probe_sets": OmegaConf.to_container(ctx.cfg.probes.sets).__len__()})
+        ctx.tracker.log_summary({"mri/scan_seconds": result.scan_seconds, "mri/from_cache": result.from_cache})

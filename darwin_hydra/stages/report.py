@@ -1,0 +1,201 @@
+"""Report stage: the benchmark on the held-out test split (father, mother, child, best uniform merge)
+with 95% intervals and paired-bootstrap differences, charts, ``report.md``, the child's model card,
+and the same tables and charts in W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from darwin_hydra.pipeline import RunContext, Stage
+
+log = logging.getLogger(__name__)
+
+
+def _evaluate(ctx: RunContext, model, tok) -> object:
+    from darwin_hydra.evaluate.benchmark import evaluate_model
+
+    b = ctx.cfg.benchmark
+    return evaluate_model(model, tok, list(b.report_tasks), include_path=ctx.resolve(str(b.include_path)),
+                          batch_size=int(b.batch_size), limit=b.limit)
+
+
+def benchmark_models(ctx: RunContext) -> dict[str, object]:
+    """Score father, mother, child (and the best uniform merge when the search found one) on the
+    report tasks (test split)."""
+    from darwin_hydra.mri.scan import load_model, load_tokenizer
+
+    dtype = str(ctx.cfg.parents.dtype)
+    results = {}
+    tok = load_tokenizer(ctx.parent_path("father"))
+    for role in ("father", "mother"):
+        results[role] = _evaluate(ctx, load_model(ctx.parent_path(role), dtype=dtype, device=str(ctx.cfg.device)), tok)
+    child_dir = ctx.artifacts.get("child_dir", ctx.child_dir)
+    if (child_dir / "config.json").exists():
+        results["child"] = _evaluate(ctx, load_model(child_dir, dtype=dtype, device=str(ctx.cfg.device)), tok)
+    baseline = ctx.artifacts.get("uniform_baseline")
+    if baseline is None and (ctx.run_dir / "search.json").exists():
+        baseline = json.loads((ctx.run_dir / "search.json").read_text()).get("uniform_baseline")
+    if baseline:
+        session = ctx.artifacts.get("session")
+        if session is None:
+            from darwin_hydra.search.genome import GenomeSpace
+            from darwin_hydra.stages.search import make_session
+
+            from darwin_hydra.arch import num_layers
+
+            space = GenomeSpace.from_config(ctx.cfg.genome, num_layers(ctx.readers()["father"].config))
+            session = make_session(ctx, space, None)
+        session.apply_uniform(float(baseline["best_ratio"]))
+        results[f"uniform r={baseline['best_ratio']:.2f}"] = _evaluate(ctx, session.model, session.tokenizer)
+    return results
+
+
+def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]:
+    """Markdown table (accuracy % with 95% CI per task and the skill mean) and paired-bootstrap
+    child-minus-other differences of the skill mean; also returns the numbers as data."""
+    from darwin_hydra.evaluate.stats import paired_bootstrap
+
+    models = list(results)
+    tasks = list(results[models[0]].tasks)
+    data: dict = {"models": {}, "differences": {}}
+    head = "| model | " + " | ".join(tasks) + " | skill mean |"
+    lines = ["## Benchmark (test split, never seen by the search)", "", head, "|" + "---|" * (len(tasks) + 2)]
+    for m in models:
+        r = results[m]
+        cells = []
+        data["models"][m] = {"mean": r.mean, "mean_ci": list(r.mean_ci), "tasks": {}}
+        for t in tasks:
+            tr = r.tasks[t]
+            cells.append(f"{100 * tr.accuracy:.1f} [{100 * tr.ci[0]:.1f}, {100 * tr.ci[1]:.1f}]")
+            data["models"][m]["tasks"][t] = {"accuracy": tr.accuracy, "ci": list(tr.ci), "n": tr.n}
+        cells.append(f"**{100 * r.mean:.1f}** [{100 * r.mean_ci[0]:.1f}, {100 * r.mean_ci[1]:.1f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy in %, 95% interval in brackets.", ""]
+    if "child" in results:
+        lines += ["Child minus each other model (skill mean, paired bootstrap over items within each task, "
+                  f"{n_boot} resamples, 95% interval):", "", "| child minus | difference | 95% interval | excludes 0 |",
+                  "|---|---|---|---|"]
+        child = {t: results["child"].tasks[t].correct for t in tasks}
+        for m in models:
+            if m == "child":
+                continue
+            other = {t: results[m].tasks[t].correct for t in tasks}
+            diff, lo, hi = paired_bootstrap(child, other, n_boot=n_boot, seed=seed)
+            data["differences"][m] = {"diff": diff, "ci": [lo, hi]}
+            excl = "yes" if lo > 0 or hi < 0 else "no"
+            lines.append(f"| {m} | {100 * diff:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {excl} |")
+    return "\n".join(lines), data
+
+
+def health_section(health: dict | None) -> str:
+    if not health:
+        return ""
+    lines = ["## Health check", "", f"Verdict: **{health['verdict']}**."]
+    t = health["thresholds"]
+    lines.append(
+        f"Interference: child importance > {t['interference_factor']}x both parents' and {t['interference_margin']} above; "
+        f"function loss: a parent's importance >= {t['loss_min_parent']} and the child's < {t['loss_fraction']}x it."
+    )
+    if health["flags"]:
+        lines += ["", "Flagged:"] + [f"- {f['text']}" for f in health["flags"]]
+        lines += ["", "Flags say where the child's use of a layer departs from both parents'; read them next to "
+                  "the benchmark: a flag with no score loss is a changed route to the same answers."]
+    return "\n".join(lines)
+
+
+def per_layer_ratios(ratio_map, num_layers: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Mean ratio per layer and component (attn / ffn), and transplant counts per layer."""
+    from darwin_hydra.arch import ATTN, tensor_info
+
+    sums = {"attn": [0.0] * num_layers, "ffn": [0.0] * num_layers}
+    counts = {"attn": [0] * num_layers, "ffn": [0] * num_layers}
+    trans = {"father": [0] * num_layers, "mother": [0] * num_layers}
+    for name, rec in ratio_map.items():
+        info = tensor_info(name)
+        if info.layer is None or info.layer >= num_layers:
+            continue
+        comp = "attn" if info.component == ATTN else "ffn"
+        sums[comp][info.layer] += rec.ratio
+        counts[comp][info.layer] += 1
+        side = rec.transplant_side() if hasattr(rec, "transplant_side") else None
+        if side in trans:
+            trans[side][info.layer] += 1
+    means = {c: [s / n if n else float("nan") for s, n in zip(sums[c], counts[c])] for c in sums}
+    return means, trans
+
+
+class ReportStage(Stage):
+    name = "report"
+
+    def run(self, ctx: RunContext) -> None:
+        from darwin_hydra.arch import num_layers
+        from darwin_hydra.report import charts
+        from darwin_hydra.report.card import model_card, relpath
+        from darwin_hydra.stages.merge import child_recipe
+        from darwin_hydra.stages.scan import ensure_scan
+
+        cfg = ctx.cfg
+        chart_dir = ctx.run_dir / "charts"
+        scan = ensure_scan(ctx)
+        images: dict[str, Path] = {f"mri_{k}": Path(v) for k, v in scan.chart_paths.items()}
+
+        results = benchmark_models(ctx)
+        bench_md, bench_data = benchmark_section(results, int(cfg.benchmark.n_bootstrap), int(cfg.seed))
+        table = {m: {t: (100 * r.tasks[t].accuracy, 100 * r.tasks[t].ci[0], 100 * r.tasks[t].ci[1]) for t in r.tasks}
+                 for m, r in results.items()}
+        images["benchmark"] = charts.benchmark_bars(table, chart_dir / "benchmark.png")
+
+        history = ctx.artifacts.get("search_history")
+        if history is None and (ctx.run_dir / "search.json").exists():
+            history = json.loads((ctx.run_dir / "search.json").read_text())["history"]
+        if history:
+            images["evolution"] = charts.evolution_curve(history, chart_dir / "evolution.png")
+
+        health = ctx.artifacts.get("health")
+        if health is None and (ctx.run_dir / "health.json").exists():
+            health = json.loads((ctx.run_dir / "health.json").read_text())
+        if health:
+            images["health"] = Path(health["chart"])
+
+        recipe = ctx.artifacts.get("recipe") or child_recipe(ctx)
+        L = num_layers(ctx.readers()["father"].config)
+        means, trans = per_layer_ratios(recipe.ratio_map, L)
+        images["layer_ratios"] = charts.layer_ratios(means, trans, chart_dir / "layer_ratios.png")
+
+        def chart_md(imgs: dict[str, Path], base: Path) -> str:
+            lines = ["## Charts", ""]
+            for k, p in imgs.items():
+                lines += [f"### {k.replace('_', ' ')}", "", f"![{k}]({relpath(p, base)})", ""]
+            return "\n".join(lines)
+
+        sections = {"benchmark": bench_md, "health": health_section(health)}
+        report_md = "\n\n".join(
+            [f"# darwin-hydra report: {cfg.parents.name}", f"Run directory: `{ctx.run_dir}`",
+             model_card(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)}).split("---\n", 2)[-1]]
+        )
+        (ctx.run_dir / "report.md").write_text(report_md)
+        ctx.write_json("benchmark.json", bench_data)
+
+        child_dir = ctx.artifacts.get("child_dir", ctx.child_dir)
+        if (child_dir / "config.json").exists():
+            img_dir = child_dir / "images"
+            img_dir.mkdir(exist_ok=True)
+            card_images = {}
+            for k, p in images.items():
+                dst = img_dir / Path(p).name
+                shutil.copyfile(p, dst)
+                card_images[k] = dst
+            card = model_card(ctx, recipe, sections | {"charts": chart_md(card_images, child_dir)})
+            tmp = child_dir / "README.md.tmp"
+            tmp.write_text(card)
+            tmp.replace(child_dir / "README.md")
+
+        ctx.tracker.log_images({f"report/{k}": v for k, v in images.items()})
+        cols = ["model"] + list(next(iter(table.values()))) + ["skill mean"]
+        ctx.tracker.log_table("report/benchmark", cols,
+                              [[m] + [v[0] for v in row.values()] + [100 * results[m].mean] for m, row in table.items()])
+        ctx.tracker.log_summary({f"test/{m}_mean": r.mean for m, r in results.items()})
+        log.info("report: %s\n%s", ctx.run_dir / "report.md", bench_md)
