@@ -82,6 +82,9 @@ class MriConfig:
     # "all": each parent's probe term sums every set (Darwin); "own": only the sets it is better at
     # (lower next-token loss on the set's prompts)
     probe_terms: str = "own"
+    # the probe sets the mother is better at (e.g. [MATH]); null = inferred from the scan (the sets
+    # where her importance summed over layers exceeds the father's)
+    mother_sets: Optional[list[str]] = None
     # what is done to r around 0.5 afterwards: "none"; "temperature": r' = sigmoid(logit(r)/temperature);
     # "stretch": scale r-0.5 so the largest layer deviation reaches stretch_to
     sharpen: str = "stretch"

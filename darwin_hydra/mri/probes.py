@@ -1,0 +1,336 @@
+"""Probe scan: how much each decoder layer matters for each probe set.
+
+For probe set p and layer l::
+
+    I_p(l) = mean over prompts of  d( f(x), f_{-l}(x) ),   d(u, v) = 1 - cos(u, v)
+
+where f(x) is the final hidden state (after the decoder's final norm) and f_{-l} the same with layer l
+replaced by the identity (skipped). With ``reduce="mean"`` a prompt's distance is the mean over its
+valid (non-padding) tokens, with ``reduce="last"`` the distance at its last valid token.
+
+Prefix sharing. Skipping layer l changes nothing before it, so per prompt batch we run the model once,
+caching every layer's input h_0..h_{L-1} and the keyword inputs it was called with (rotary
+embeddings, masks, Gemma 4's per-layer inputs, the layer type's mask...); then for each l we replay
+layers l+1..L-1 starting from h_l. Layer evaluations per batch::
+
+    L  +  sum_{l=0}^{L-1} (L-1-l)  =  L + L(L-1)/2  =  L(L+1)/2
+
+instead of L*L for the naive way (a reference pass plus one pass of L-1 layers per skipped layer):
+e.g. L=8: 36 vs 64; L=40: 820 vs 1600; L=64: 2080 vs 4096.
+
+The same pass gives ShortGPT's block influence for free: BI(l) = 1 - cos(h_l, h_{l+1}), reduced over
+tokens the same way.
+
+Side effects of a skipped layer: a layer that writes into a state shared with later layers (Gemma 4's
+KV sharing dict) is treated as in the "output replaced by input" definition: the replay of layers
+l+1.. starts from the shared state as it was after layer l ran in the full pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import UserDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from darwin_hydra.arch import decoder_layers
+
+log = logging.getLogger(__name__)
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_norm", "ln_f", "norm_f")
+_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class ProbeScan:
+    """Per probe set and layer: importance I_p(l) and block influence BI_p(l); plus the work it took.
+
+    ``layer_evals`` counts decoder-layer calls actually made; ``naive_layer_evals`` what skipping each
+    layer in its own full pass would have cost (L*L per batch).
+    """
+
+    sets: list[str]
+    num_layers: int
+    importance: dict[str, list[float]]
+    block_influence: dict[str, list[float]]
+    prompts: dict[str, int]
+    tokens: dict[str, int]
+    layer_evals: int
+    naive_layer_evals: int
+    batches: int
+    seconds: float
+    reduce: str = "mean"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ProbeScan":
+        return cls(**dict(d))
+
+    def total(self, weights: Mapping[str, float] | None = None) -> list[float]:
+        """sum_p w_p * I_p(l) per layer (w_p = 1 when not given)."""
+        w = weights or {}
+        return [sum(w.get(p, 1.0) * self.importance[p][l] for p in self.sets) for l in range(self.num_layers)]
+
+
+# --------------------------------------------------------------------------------------------------
+# model anatomy
+
+
+def text_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """(text model, its decoder layers, its final norm) of a causal LM or a multimodal wrapper.
+
+    The text model is the module that owns the layer list (``model.model`` for Llama/Qwen,
+    ``model.model.language_model`` for Gemma 4); the final norm is its ``norm`` (or ``final_layernorm``,
+    ``ln_f``...).
+    """
+    layers = decoder_layers(model)
+    owner_name = next(n for n, m in model.named_modules() if m is layers).rsplit(".", 1)
+    owner = model.get_submodule(owner_name[0]) if len(owner_name) == 2 else model
+    for attr in _FINAL_NORM_NAMES:
+        norm = getattr(owner, attr, None)
+        if isinstance(norm, nn.Module):
+            return owner, layers, norm
+    raise ValueError(
+        f"{type(model).__name__}: no final norm found on {type(owner).__name__} "
+        f"(looked for attributes {_FINAL_NORM_NAMES}); the probe scan needs the decoder's final norm"
+    )
+
+
+def _is_mutable_state(v: Any) -> bool:
+    return isinstance(v, (dict, UserDict)) and not isinstance(v, torch.Tensor)
+
+
+@dataclass
+class _LayerCall:
+    args: tuple
+    kwargs: dict
+    # snapshots of mutable shared state (e.g. Gemma 4's shared KV dict) as they were before this call
+    state: dict = field(default_factory=dict)
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _call_layer(layer: nn.Module, call: _LayerCall, h: torch.Tensor, state: dict) -> torch.Tensor:
+    kwargs = dict(call.kwargs)
+    kwargs.update(state)
+    if call.args:
+        return _hidden(layer(h, *call.args[1:], **kwargs))
+    kwargs["hidden_states"] = h
+    return _hidden(layer(**kwargs))
+
+
+def _token_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """1 - cos per token, in float32: (B, S, H) x (B, S, H) -> (B, S)."""
+    return 1.0 - F.cosine_similarity(u.float(), v.float(), dim=-1, eps=1e-8)
+
+
+def _reduce(dist: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Per-prompt distance (B,) from per-token distances (B, S) and the attention mask (B, S)."""
+    m = mask.to(dist.dtype)
+    if reduce == "mean":
+        return (dist * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if reduce == "last":
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.long() * (pos + 1)).argmax(1)  # last index where mask is 1 (left or right padding)
+        return dist.gather(1, last[:, None])[:, 0]
+    raise ValueError(f"probe reduce={reduce!r}: choose 'mean' or 'last'")
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch (a prompt's hidden states then do not depend on what it is batched with)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+# --------------------------------------------------------------------------------------------------
+# the scan
+
+
+@torch.no_grad()
+def skip_layer_distances(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], reduce: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For one tokenized batch: (D, BI, layer evaluations) with D[l, b] = distance of prompt b's final
+    hidden state when layer l is skipped, BI[l, b] = 1 - cos(h_l, h_{l+1}); prefix-shared (module doc)."""
+    owner, layers, norm = text_decoder(model)
+    L = len(layers)
+    calls: list[_LayerCall | None] = [None] * L
+    inputs: list[torch.Tensor | None] = [None] * L
+    final: dict[str, torch.Tensor] = {}
+
+    def pre_hook(i: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            inputs[i] = h.clone()
+            state = {k: copy.copy(v) for k, v in kwargs.items() if _is_mutable_state(v)}
+            calls[i] = _LayerCall(args, dict(kwargs), state)
+
+        return hook
+
+    def norm_hook(module, args, out):
+        # the last call of the final norm is the one after the layers
+        final["in"], final["out"] = args[0], out
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(norm.register_forward_hook(norm_hook))
+    try:
+        owner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing or "out" not in final:
+        raise RuntimeError(
+            f"{type(model).__name__}: the forward pass did not call decoder layer(s) {missing} "
+            "or the final norm; the probe scan cannot replay this architecture"
+        )
+    mask = batch["attention_mask"]
+    full = final["out"]
+    evals = L
+    dist = torch.empty(L, mask.shape[0])
+    bi = torch.empty(L, mask.shape[0])
+    for l in range(L):
+        nxt = inputs[l + 1] if l + 1 < L else final["in"]
+        bi[l] = _reduce(_token_distance(inputs[l], nxt), mask, reduce).cpu()
+        h = inputs[l]
+        if l + 1 < L:
+            # fresh copies of the shared state as the full pass left it before layer l+1
+            state = {k: copy.copy(v) for k, v in calls[l + 1].state.items()}
+            for j in range(l + 1, L):
+                h = _call_layer(layers[j], calls[j], h, state)
+                evals += 1
+        dist[l] = _reduce(_token_distance(full, norm(h)), mask, reduce).cpu()
+    return dist, bi, evals
+
+
+@torch.no_grad()
+def layer_importance(
+    model: nn.Module,
+    tokenizer,
+    prompts: Mapping[str, list[str]],
+    max_length: int = 64,
+    batch_size: int = 16,
+    reduce: str = "mean",
+    progress: bool = True,
+) -> ProbeScan:
+    """Importance of every decoder layer for every probe set (module doc for the formula and the
+    prefix sharing). ``prompts`` maps a probe-set name to its prompts. Works on dense, MoE and hybrid
+    (Gated DeltaNet) decoders and on multimodal wrappers (the text decoder's layers)."""
+    if reduce not in ("mean", "last"):
+        raise ValueError(f"probe reduce={reduce!r}: choose 'mean' or 'last'")
+    model.eval()
+    device = next(model.parameters()).device
+    _, layers, _ = text_decoder(model)
+    L = len(layers)
+    start = time.perf_counter()
+    importance, influence, n_prompts, n_tokens = {}, {}, {}, {}
+    evals = batches = 0
+    total_batches = sum(math.ceil(len(v) / batch_size) for v in prompts.values())
+    bar = tqdm(total=total_batches, desc="MRI probe scan", unit="batch", disable=not progress)
+    for name, texts in prompts.items():
+        if not texts:
+            raise ValueError(f"probe set {name!r} has no prompts")
+        d_sum = torch.zeros(L, dtype=torch.float64)
+        b_sum = torch.zeros(L, dtype=torch.float64)
+        tokens = 0
+        for i in range(0, len(texts), batch_size):
+            batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
+            d, b, e = skip_layer_distances(model, batch, reduce)
+            d_sum += d.double().sum(1)
+            b_sum += b.double().sum(1)
+            tokens += int(batch["attention_mask"].sum())
+            evals += e
+            batches += 1
+            bar.update(1)
+        importance[name] = (d_sum / len(texts)).tolist()
+        influence[name] = (b_sum / len(texts)).tolist()
+        n_prompts[name] = len(texts)
+        n_tokens[name] = tokens
+    bar.close()
+    return ProbeScan(
+        sets=list(prompts),
+        num_layers=L,
+        importance=importance,
+        block_influence=influence,
+        prompts=n_prompts,
+        tokens=n_tokens,
+        layer_evals=evals,
+        naive_layer_evals=batches * L * L,
+        batches=batches,
+        seconds=time.perf_counter() - start,
+        reduce=reduce,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# probe prompts
+
+
+def load_probe_prompts(probes_cfg, resolve: Callable[[str], str] | None = None) -> dict[str, list[str]]:
+    """The prompts of every probe set of ``probes_cfg`` (a ``ProbesConfig``): the first ``n`` non-blank
+    values of column ``field``.
+
+    ``source`` goes through ``resolve`` first (maps ``zoo://`` URIs; other strings pass unchanged). An
+    existing local json/jsonl/csv/parquet/txt file is read with ``datasets.load_dataset(<format>,
+    data_files=...)``; anything else is taken as a Hub dataset id (``subset``, ``split``).
+    """
+    import datasets
+
+    out: dict[str, list[str]] = {}
+    for name, s in probes_cfg.sets.items():
+        src = resolve(s.source) if resolve is not None else s.source
+        where = f"probes.sets.{name}.source={s.source!r}" + (f" (resolved to {src!r})" if src != s.source else "")
+        path = Path(str(src)).expanduser()
+        fmt = _DATA_FORMATS.get(path.suffix.lower())
+        try:
+            if path.exists():
+                if fmt is None:
+                    raise ValueError(f"{where}: unsupported file type {path.suffix!r}; use {sorted(_DATA_FORMATS)}")
+                ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+            elif fmt is not None or str(src).startswith(("/", ".", "~")) or "://" in str(src):
+                raise FileNotFoundError(f"{where}: file not found")
+            else:
+                ds = datasets.load_dataset(str(src), s.subset, split=s.split)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:  # datasets raises many kinds; name the probe set and the source
+            raise RuntimeError(f"{where}: could not load the dataset ({type(e).__name__}: {e})") from e
+        if s.field not in ds.column_names:
+            raise ValueError(f"{where}: no column {s.field!r}; columns are {ds.column_names}")
+        texts = []
+        for v in ds[s.field]:
+            if isinstance(v, str) and v.strip():
+                texts.append(v)
+                if len(texts) >= s.n:
+                    break
+        if not texts:
+            raise ValueError(f"{where}: column {s.field!r} has no non-blank text")
+        if len(texts) < s.n:
+            log.warning("probe set %s: %d prompts available, %d asked for", name, len(texts), s.n)
+        out[name] = texts
+    if not out:
+        raise ValueError("probes.sets is empty: give at least one probe set")
+    return out

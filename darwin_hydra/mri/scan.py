@@ -1,0 +1,487 @@
+"""The whole Model MRI of a parent pair: static, probe and MoE scans, the prescription, the cache,
+``scan.json`` and the charts. ``run_scan`` is what the scan stage calls.
+
+The cache holds the expensive part (static, probe and MoE scans of both parents) under a key made of
+both parents' fingerprints, the probe sets (config and the prompts' text) and the MRI settings that
+change a scan (histogram bins, probe reduction, MoE options, dtype). The prescription is recomputed
+from the cached scans on every call (it takes milliseconds), so changing alpha, sharpening or
+transplant thresholds never rescans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darwin_hydra.arch import is_moe, tensor_info
+from darwin_hydra.mri.config import MriConfig, ProbesConfig, mri_config, probes_config
+from darwin_hydra.mri.moe import MoeScan, moe_scan
+from darwin_hydra.mri.prescribe import FATHER, MERGE, MOTHER, Prescription, prescribe
+from darwin_hydra.mri.probes import ProbeScan, layer_importance, load_probe_prompts
+from darwin_hydra.mri.static import StaticScan, static_scan
+
+log = logging.getLogger(__name__)
+
+# Bump when a change makes old cached scans wrong.
+CACHE_FORMAT = 1
+SCAN_JSON = "scan.json"
+
+# scans actually computed in this process (tests check a cache hit does not add to it)
+SCANS_RUN = {"static": 0, "probe": 0, "moe": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# reading checkpoints
+
+
+class _SafetensorsDir:
+    """Minimal streaming reader of a directory of ``*.safetensors`` files (used when the I/O layer's
+    ``CheckpointReader`` is not available)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files (the MRI reads safetensors checkpoints)")
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as s:
+                for k in s.keys():
+                    self._where[k] = f
+        self.names = list(self._where)
+        self._files = files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), "pt") as s:
+            return s.get_tensor(name)
+
+    def fingerprint(self) -> str:
+        """sha256 over each file's name, size, header and 16 sampled 64 KiB slices of its data."""
+        h = hashlib.sha256()
+        for f in self._files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+                for i in range(16):
+                    fh.seek(8 + n + (size - 8 - n) * i // 16)
+                    h.update(fh.read(65536))
+        return h.hexdigest()[:16]
+
+
+def open_reader(path: str | Path):
+    """The I/O layer's ``CheckpointReader`` (``.names``, ``.get``, ``.fingerprint``), or a plain
+    safetensors reader when the I/O layer is not installed."""
+    try:
+        from darwin_hydra.io.checkpoint import CheckpointReader
+    except ImportError:
+        return _SafetensorsDir(path)
+    return CheckpointReader(path)
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """A parent as a transformers causal LM (``trust_remote_code=False``), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"mri.dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, trust_remote_code=False)
+    except Exception as e:
+        raise RuntimeError(f"{path}: could not load the model with transformers ({type(e).__name__}: {e})") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(*paths: str | Path):
+    """The first tokenizer found among ``paths`` (the father's, else the mother's)."""
+    from transformers import AutoTokenizer
+
+    errors = []
+    for p in paths:
+        try:
+            return AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:  # no tokenizer files here: try the next parent
+            errors.append(f"{p}: {type(e).__name__}: {e}")
+    raise FileNotFoundError("no tokenizer found for the probe scan; tried " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class MriResult:
+    """Everything the MRI found about a parent pair and the per-tensor ratio it prescribes."""
+
+    father: str
+    mother: str
+    fingerprints: dict[str, str]
+    probes: dict[str, Any]
+    settings: dict[str, Any]
+    static: StaticScan
+    probe_father: ProbeScan
+    probe_mother: ProbeScan
+    moe_father: MoeScan | None
+    moe_mother: MoeScan | None
+    prescription: Prescription
+    cache_key: str = ""
+    from_cache: bool = False
+    scan_seconds: float = 0.0
+    chart_paths: dict[str, Path] = field(default_factory=dict)
+
+    # ---- views ---------------------------------------------------------------------------------
+    @property
+    def r_mri(self) -> dict[str, float]:
+        """The mother's share per tensor (canonical names)."""
+        return self.prescription.r_mri
+
+    @property
+    def transplant(self) -> dict[str, str]:
+        """``father`` / ``mother`` / ``merge`` per tensor, from r_mri and the transplant thresholds."""
+        return self.prescription.transplant
+
+    @property
+    def num_layers(self) -> int:
+        return self.probe_father.num_layers
+
+    def advantage(self) -> dict[str, list[float]]:
+        """Per probe set and layer: I^father_p(l) - I^mother_p(l) (negative = the mother's layer matters more)."""
+        return {
+            p: [a - b for a, b in zip(self.probe_father.importance[p], self.probe_mother.importance[p])]
+            for p in self.probe_father.sets
+        }
+
+    def mother_advantage_ranking(self, sets: list[str] | None = None) -> list[int]:
+        """Layers ordered by the mother's advantage on ``sets`` (default: her sets), strongest first."""
+        sets = sets or self.prescription.mother_sets
+        adv = self.advantage()
+        score = [sum(-adv[p][l] for p in sets) for l in range(self.num_layers)]
+        return sorted(range(self.num_layers), key=lambda l: -score[l])
+
+    def moe_per_layer(self) -> dict[str, dict[int, dict[str, float]]]:
+        """Per parent, per MoE layer: dead share, routing entropy, ... (empty for dense parents)."""
+        return {
+            role: s.per_layer() for role, s in (("father", self.moe_father), ("mother", self.moe_mother)) if s
+        }
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        names = list(self.prescription.r_mri)
+        return {
+            "format": CACHE_FORMAT,
+            "father": self.father,
+            "mother": self.mother,
+            "fingerprints": self.fingerprints,
+            "cache_key": self.cache_key,
+            "from_cache": self.from_cache,
+            "scan_seconds": self.scan_seconds,
+            "probes": self.probes,
+            "settings": self.settings,
+            "tensors": {
+                n: {
+                    "layer": (i := tensor_info(n)).layer,
+                    "component": i.component,
+                    "expert": i.expert,
+                    "r_mri": self.prescription.r_mri[n],
+                    "transplant": self.prescription.transplant[n],
+                }
+                for n in names
+            },
+            "advantage": self.advantage(),
+            "static": self.static.to_dict(),
+            "probe": {"father": self.probe_father.to_dict(), "mother": self.probe_mother.to_dict()},
+            "moe": {
+                "father": self.moe_father.to_dict() if self.moe_father else None,
+                "mother": self.moe_mother.to_dict() if self.moe_mother else None,
+            },
+            "prescription": self.prescription.to_dict(),
+            "charts": {k: str(v) for k, v in self.chart_paths.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MriResult":
+        moe = d.get("moe") or {}
+        return cls(
+            father=d["father"],
+            mother=d["mother"],
+            fingerprints=dict(d["fingerprints"]),
+            probes=dict(d["probes"]),
+            settings=dict(d["settings"]),
+            static=StaticScan.from_dict(d["static"]),
+            probe_father=ProbeScan.from_dict(d["probe"]["father"]),
+            probe_mother=ProbeScan.from_dict(d["probe"]["mother"]),
+            moe_father=MoeScan.from_dict(moe["father"]) if moe.get("father") else None,
+            moe_mother=MoeScan.from_dict(moe["mother"]) if moe.get("mother") else None,
+            prescription=Prescription.from_dict(d["prescription"]),
+            cache_key=d.get("cache_key", ""),
+            from_cache=bool(d.get("from_cache", False)),
+            scan_seconds=float(d.get("scan_seconds", 0.0)),
+            chart_paths={k: Path(v) for k, v in (d.get("charts") or {}).items()},
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "MriResult":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MriResult":
+        """Read a ``scan.json`` (a file, or the directory holding it)."""
+        p = Path(path)
+        p = p / SCAN_JSON if p.is_dir() else p
+        return cls.from_json(p.read_text())
+
+    # ---- the stage's printout ------------------------------------------------------------------
+    def summary_table(self) -> str:
+        """Per layer: importance of each parent (sum over sets), the mother's advantage on her sets,
+        block influence, r_mri and transplant counts; MoE dead experts and routing entropy when present."""
+        pf, pm, pr = self.probe_father, self.probe_mother, self.prescription
+        L = self.num_layers
+        adv = self.advantage()
+        m_sets = pr.mother_sets
+        tf, tm = pf.total(), pm.total()
+        bif = [sum(pf.block_influence[p][l] for p in pf.sets) / len(pf.sets) for l in range(L)]
+        counts = {l: {FATHER: 0, MERGE: 0, MOTHER: 0} for l in range(L)}
+        for n, t in pr.transplant.items():
+            layer = tensor_info(n).layer
+            if layer is not None and layer < L:
+                counts[layer][t] += 1
+        moe = self.moe_per_layer()
+        head = f"{'layer':>5} {'imp A':>7} {'imp B':>7} {'B adv':>7} {'BI A':>6} {'r_mri':>6} {'A/mix/B':>9}"
+        if moe:
+            head += f" {'dead A':>6} {'dead B':>6} {'H A':>5} {'H B':>5}"
+        lines = [
+            f"Model MRI  father={self.father}  mother={self.mother}",
+            f"  {'cache hit (' + self.cache_key + ')' if self.from_cache else f'scanned in {self.scan_seconds:.1f} s'}"
+            f"; probe sets {', '.join(pf.sets)}; mother's sets: {', '.join(m_sets) or '-'}",
+            f"  layer evaluations per parent: {pf.layer_evals} (naive skip-one-layer: {pf.naive_layer_evals}); "
+            f"probe scan {pf.seconds:.1f} s + {pm.seconds:.1f} s",
+            f"  imp = sum over sets of I_p(l); B adv = mean over the mother's sets of I_B - I_A; "
+            f"BI = ShortGPT block influence; {self.settings.get('name', '')}: blend={self.settings.get('blend')}, "
+            f"probe_terms={self.settings.get('probe_terms')}, sharpen={self.settings.get('sharpen')}",
+            head,
+        ]
+        for l in range(L):
+            b_adv = -sum(adv[p][l] for p in m_sets) / max(1, len(m_sets))
+            c = counts[l]
+            mix = f"{c[FATHER]}/{c[MERGE]}/{c[MOTHER]}"
+            row = f"{l:>5} {tf[l]:>7.4f} {tm[l]:>7.4f} {b_adv:>+7.4f} {bif[l]:>6.3f} {pr.per_layer[l]:>6.3f} {mix:>9}"
+            if moe:
+                fa, mo = moe.get("father", {}).get(l), moe.get("mother", {}).get(l)
+                row += " " + " ".join(
+                    f"{x:>6.2f}" if x is not None else f"{'-':>6}"
+                    for x in (fa and fa["dead_share"], mo and mo["dead_share"])
+                )
+                row += " " + " ".join(
+                    f"{x:>5.2f}" if x is not None else f"{'-':>5}"
+                    for x in (fa and fa["routing_entropy"], mo and mo["routing_entropy"])
+                )
+            lines.append(row)
+        outside = [n for n in pr.r_mri if tensor_info(n).layer is None]
+        if outside:
+            lines.append(
+                "  outside layers (" + self.settings.get("outside_layers", "") + "): "
+                + ", ".join(f"{n}={pr.r_mri[n]:.3f}" for n in outside[:6])
+                + (f" (+{len(outside) - 6} more)" if len(outside) > 6 else "")
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# the scan
+
+
+def _probes_record(cfg: ProbesConfig) -> dict:
+    return {
+        "name": cfg.name,
+        "max_length": cfg.max_length,
+        "batch_size": cfg.batch_size,
+        "sets": {k: asdict(v) for k, v in cfg.sets.items()},
+    }
+
+
+def scan_settings(cfg: MriConfig) -> dict:
+    """The MRI settings that change a scan (and so are part of the cache key)."""
+    keys = ("hist_bins", "probe_reduce", "moe", "moe_dead_rule", "moe_dead_threshold", "moe_dead_abs_threshold",
+            "moe_calibration", "dtype")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def cache_key(fp_father: str, fp_mother: str, probes: ProbesConfig, prompts: Mapping[str, list[str]], cfg: MriConfig) -> str:
+    """sha256 (24 hex) of both fingerprints, the probe sets (sources and sizes, not weights), the
+    prompts' text and the scan settings."""
+    rec = _probes_record(probes)
+    for s in rec["sets"].values():
+        s.pop("weight")  # weights only enter the prescription
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "father": fp_father,
+            "mother": fp_mother,
+            "probes": rec,
+            "prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+            "mri": scan_settings(cfg),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def calibration_prompts(prompts: Mapping[str, list[str]], n: int) -> list[str]:
+    """Up to ``n`` prompts taken round-robin from the probe sets (the MoE scan's calibration set)."""
+    out: list[str] = []
+    pools = [list(v) for v in prompts.values()]
+    i = 0
+    while len(out) < n and any(i < len(p) for p in pools):
+        for p in pools:
+            if i < len(p) and len(out) < n:
+                out.append(p[i])
+        i += 1
+    return out
+
+
+def _scan_parent(path, tokenizer, prompts, probes: ProbesConfig, cfg: MriConfig, role: str):
+    log.info("MRI: probe scan of the %s (%s)", role, path)
+    model = load_model(path, cfg.dtype, cfg.device)
+    try:
+        probe = layer_importance(
+            model, tokenizer, prompts, probes.max_length, probes.batch_size, cfg.probe_reduce, cfg.progress
+        )
+        SCANS_RUN["probe"] += 1
+        moe = None
+        if cfg.moe and is_moe(model.config):
+            moe = moe_scan(
+                model, tokenizer, calibration_prompts(prompts, cfg.moe_calibration), probes.max_length,
+                probes.batch_size, cfg.moe_dead_rule, cfg.moe_dead_threshold, cfg.moe_dead_abs_threshold,
+                progress=cfg.progress,
+            )
+            SCANS_RUN["moe"] += 1
+    finally:
+        del model
+    return probe, moe
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_scan(
+    father_path: str | Path,
+    mother_path: str | Path,
+    probes_cfg: ProbesConfig | Any,
+    mri_cfg: MriConfig | Any,
+    resolve: Callable[[str], str] | None = None,
+    cache_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> MriResult:
+    """Model MRI of a parent pair: static scan (streamed), probe scan and MoE scan of each parent,
+    the prescription r_mri, ``scan.json`` and charts in ``out_dir``.
+
+    ``father_path``/``mother_path``: local checkpoint directories (``zoo://`` URIs go through
+    ``resolve``). ``probes_cfg``/``mri_cfg``: dataclasses or OmegaConf nodes. ``cache_dir``: where
+    scans are cached (None: no cache); with ``mri.cache`` on, a second call with the same parents,
+    prompts and scan settings reads the cache and scans nothing.
+    """
+    probes = probes_config(probes_cfg)
+    cfg = mri_config(mri_cfg)
+    father = Path(resolve(str(father_path)) if resolve else father_path)
+    mother = Path(resolve(str(mother_path)) if resolve else mother_path)
+    for role, p in (("father", father), ("mother", mother)):
+        if not p.is_dir():
+            raise FileNotFoundError(f"MRI: the {role} checkpoint {p} is not a directory")
+    prompts = load_probe_prompts(probes, resolve)
+    weights = {k: v.weight for k, v in probes.sets.items()}
+    r_father, r_mother = open_reader(father), open_reader(mother)
+    fps = {"father": r_father.fingerprint(), "mother": r_mother.fingerprint()}
+    key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg)
+    cache_file = Path(cache_dir).expanduser() / f"mri-{key}.json" if cache_dir is not None else None
+
+    scans = None
+    if cfg.cache and cache_file is not None and cache_file.exists():
+        try:
+            scans = json.loads(cache_file.read_text())
+            log.info("MRI: cache hit %s (no rescan)", cache_file)
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("MRI: unreadable cache file %s (%s); rescanning", cache_file, e)
+    from_cache = scans is not None
+    if scans is None:
+        start = time.perf_counter()
+        static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress)
+        SCANS_RUN["static"] += 1
+        tokenizer = load_tokenizer(father, mother)
+        probe_f, moe_f = _scan_parent(father, tokenizer, prompts, probes, cfg, "father")
+        probe_m, moe_m = _scan_parent(mother, tokenizer, prompts, probes, cfg, "mother")
+        scans = {
+            "format": CACHE_FORMAT,
+            "seconds": time.perf_counter() - start,
+            "static": static.to_dict(),
+            "probe": {"father": probe_f.to_dict(), "mother": probe_m.to_dict()},
+            "moe": {"father": moe_f.to_dict() if moe_f else None, "mother": moe_m.to_dict() if moe_m else None},
+        }
+        if cfg.cache and cache_file is not None:
+            _write_atomic(cache_file, json.dumps(scans))
+    static = StaticScan.from_dict(scans["static"])
+    probe_f = ProbeScan.from_dict(scans["probe"]["father"])
+    probe_m = ProbeScan.from_dict(scans["probe"]["mother"])
+    moe = scans.get("moe") or {}
+    moe_f = MoeScan.from_dict(moe["father"]) if moe.get("father") else None
+    moe_m = MoeScan.from_dict(moe["mother"]) if moe.get("mother") else None
+    names = [n for n in static.father if n in static.mother]
+    prescription = prescribe(probe_f, probe_m, static, cfg, names, weights)
+    result = MriResult(
+        father=str(father),
+        mother=str(mother),
+        fingerprints=fps,
+        probes={**_probes_record(probes), "prompts": {k: len(v) for k, v in prompts.items()}},
+        settings=asdict(cfg),
+        static=static,
+        probe_father=probe_f,
+        probe_mother=probe_m,
+        moe_father=moe_f,
+        moe_mother=moe_m,
+        prescription=prescription,
+        cache_key=key,
+        from_cache=from_cache,
+        scan_seconds=float(scans.get("seconds", 0.0)),
+    )
+    if out_dir is not None:
+        write_outputs(result, Path(out_dir))
+    return result
+
+
+def write_outputs(result: MriResult, out_dir: Path) -> None:
+    """Charts (PNG) and ``scan.json`` into ``out_dir``; fills ``result.chart_paths``."""
+    from darwin_hydra.mri import charts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_t = (result.settings.get("t_lo", 0.15), result.settings.get("t_hi", 0.85))
+    paths = {
+        "importance_father": charts.importance_heatmap(result.probe_father, "father", out_dir / "mri_importance_father.png"),
+        "importance_mother": charts.importance_heatmap(result.probe_mother, "mother", out_dir / "mri_importance_mother.png"),
+        "advantage": charts.advantage_map(result.probe_father, result.probe_mother, out_dir / "mri_advantage.png"),
+        "ratio": charts.prescribed_ratio(result.prescription, *cfg_t, out_dir / "mri_ratio.png"),
+    }
+    if result.moe_father is not None:
+        paths["experts"] = charts.expert_utilisation(result.moe_father, result.moe_mother, out_dir / "mri_experts.png")
+    result.chart_paths = paths
+    _write_atomic(out_dir / SCAN_JSON, result.to_json())
