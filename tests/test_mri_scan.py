@@ -91,7 +91,7 @@ def _independent_counts(model, tok, texts, max_length=32):
     counts, tokens = {}, 0
     handles = []
     for i, layer in enumerate(decoder_layers(model)):
-        experts = layer.mlp.experts
+        experts = next(m for n, m in layer.named_modules() if n.endswith("experts"))
 
         def hook(m, args, i=i):
             idx = args[1][valid["mask"]]
@@ -110,13 +110,30 @@ def _independent_counts(model, tok, texts, max_length=32):
     return {i: (c.double() / tokens) for i, c in counts.items()}, tokens
 
 
-def test_moe_dead_experts_equal_independent_routing_counts():
-    model = tiny_model("qwen3_5_moe", num_layers=4)
+def _moe_model(arch):
+    if arch == "qwen3_5_moe":
+        return tiny_model(arch, num_layers=4)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                  num_experts_per_tok=2, intermediate_size=32)
+    if arch == "qwen2_moe":
+        cfg = AutoConfig.for_model(arch, num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                   decoder_sparse_step=1, **common)
+    else:
+        cfg = AutoConfig.for_model(arch, num_local_experts=8, **common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen2_moe", "mixtral"])
+def test_moe_dead_experts_equal_independent_routing_counts(arch):
+    model = _moe_model(arch)
     tok = char_tokenizer()
     texts = PROMPTS["MATH"] + PROMPTS["CODE"] + ["abcdefgh", "0123456789", "z z z z"]
     freq, tokens = _independent_counts(model, tok, texts)
     tc = text_config(model.config)
-    k, E = tc.num_experts_per_tok, tc.num_experts
+    k, E = tc.num_experts_per_tok, getattr(tc, "num_experts", None) or tc.num_local_experts
     # threshold 1.0 of the uniform share flags the under-used experts: a non-trivial set on random weights
     scan = moe_scan(model, tok, texts, batch_size=3, dead_threshold=1.0, dead_abs_threshold=0.2, progress=False)
     assert scan.tokens == tokens and scan.top_k == k and scan.num_experts == E

@@ -108,11 +108,15 @@ def test_share_blend_own_sets_and_outside_rule_nearest():
     fb = _scan({"MATH": [0.3, 0.1], "CODE": [0.2, 0.2]})
     cfg = MriConfig(blend="share", probe_terms="own", sharpen="none", outside_layers="nearest", alpha=0.4)
     p = prescribe(fa, fb, _static(NAMES, s, s), cfg, NAMES)
-    # the mother's importance sum on MATH (0.4) beats the father's (0.2): MATH is hers, CODE his
+    # relative advantage: MATH (0.4-0.2)/0.6 = 1/3, CODE (0.4-0.8)/1.2 = -1/3; above the mean (0): MATH is hers
     assert p.mother_sets == ["MATH"] and p.father_sets == ["CODE"]
-    # layer 0: static share 0.5; probe share = I_B,MATH / (I_A,CODE + I_B,MATH) = 0.3 / 0.5
-    assert p.r_mri[NAMES[0]] == pytest.approx(0.4 * 0.5 + 0.6 * 0.6)
-    assert p.r_mri[NAMES[1]] == pytest.approx(0.4 * 0.5 + 0.6 * (0.1 / 0.7))
+    # profiles normalised over layers: mother MATH (0.75, 0.25), father CODE (0.25, 0.75)
+    assert p.probe_mother == pytest.approx([0.75, 0.25]) and p.probe_father == pytest.approx([0.25, 0.75])
+    assert p.r_mri[NAMES[0]] == pytest.approx(0.4 * 0.5 + 0.6 * 0.75)
+    assert p.r_mri[NAMES[1]] == pytest.approx(0.4 * 0.5 + 0.6 * 0.25)
+    # given mother_sets win over the inference
+    q = prescribe(fa, fb, _static(NAMES, s, s), cfg, NAMES, mother_sets=["CODE"])
+    assert q.mother_sets == ["CODE"] and q.father_sets == ["MATH"]
     assert p.r_mri["model.embed_tokens.weight"] == pytest.approx(p.per_layer[0])
     assert p.r_mri["lm_head.weight"] == pytest.approx(p.per_layer[1])
     assert p.r_mri["model.norm.weight"] == pytest.approx(p.per_layer[1])

@@ -14,10 +14,12 @@ documented, configurable steps make it track where each parent's abilities live:
 * ``blend=share``: each term becomes the mother's share before blending,
   r = alpha * sB/(sA+sB) + (1-alpha) * pB/(pA+pB), so alpha weighs two signals on one scale
   (``raw`` = Darwin's combined ratio).
-* ``probe_terms=own``: probe_X(l) is the weighted mean of I^X_p(l) over the sets X is better at.
-  The mother's sets are ``mother_sets`` when given, else the sets on which her importance summed over
-  layers exceeds the father's (her training made her layers matter more for them); the father gets
-  the rest. (``all`` = Darwin: every set, summed.)
+* ``probe_terms=own``: probe_X(l) = weighted mean over the sets X owns of its importance profile
+  normalised over layers, I^X_p(l) / sum_l' I^X_p(l') -- "where parent X's skills live", each set a
+  distribution over layers, so a parent whose layers all matter more (typical after any fine-tune)
+  does not win every layer. The mother owns ``mother_sets`` when given, else the sets whose relative
+  advantage rho_p = sum_l (I^B_p - I^A_p) / sum_l (I^A_p + I^B_p) is above the mean rho over sets;
+  the father owns the rest. (``all`` = Darwin: every set, raw importances, summed.)
 * ``sharpen``: ``temperature`` r' = sigmoid(logit(r)/T); ``stretch`` r' = 0.5 + (r-0.5) * s/q with
   q = the largest |mean r(l) - 0.5| over layers, s = ``stretch_to``, clipped to [0, 1] (skipped when
   q < ``stretch_floor``: parents the scan cannot tell apart are left at their raw ratio).
@@ -82,15 +84,30 @@ def transplant_decision(r: float, t_lo: float, t_hi: float) -> str:
     return FATHER if r < t_lo else MOTHER if r > t_hi else MERGE
 
 
+def relative_advantage(father: ProbeScan, mother: ProbeScan) -> dict[str, float]:
+    """rho_p = sum_l (I^B_p(l) - I^A_p(l)) / sum_l (I^A_p(l) + I^B_p(l)) per probe set: in [-1, 1],
+    positive where the mother's layers matter more for p."""
+    out = {}
+    for p in father.sets:
+        a, b = sum(father.importance[p]), sum(mother.importance[p])
+        out[p] = (b - a) / (a + b) if a + b > 0 else 0.0
+    return out
+
+
 def mother_probe_sets(father: ProbeScan, mother: ProbeScan, given: Sequence[str] | None = None) -> list[str]:
-    """The probe sets the mother is taken to be better at: ``given`` when set, else those where her
-    importance summed over layers exceeds the father's."""
+    """The probe sets the mother is taken to own: ``given`` when set (``mri.mother_sets``), else the sets
+    whose relative advantage rho_p is above the mean over sets (a fine-tune usually makes all of its
+    layers matter more; what stands out is where it matters most)."""
     if given:
         unknown = [p for p in given if p not in father.sets]
         if unknown:
             raise ValueError(f"mri.mother_sets: {unknown} not among the probe sets {father.sets}")
         return list(given)
-    return [p for p in father.sets if sum(mother.importance[p]) > sum(father.importance[p])]
+    rho = relative_advantage(father, mother)
+    if len(rho) == 1:
+        return [p for p, v in rho.items() if v > 0]
+    mean = sum(rho.values()) / len(rho)
+    return [p for p in father.sets if rho[p] > mean]
 
 
 def probe_terms(
@@ -120,7 +137,8 @@ def probe_terms(
 
     def mean_over(scan: ProbeScan, chosen: list[str]) -> list[float]:
         tw = sum(w[p] for p in chosen) or 1.0
-        return [sum(w[p] * scan.importance[p][l] for p in chosen) / tw for l in range(L)]
+        total = {p: sum(scan.importance[p]) or 1.0 for p in chosen}
+        return [sum(w[p] * scan.importance[p][l] / total[p] for p in chosen) / tw for l in range(L)]
 
     return mean_over(father, a_sets), mean_over(mother, b_sets), a_sets, b_sets
 
