@@ -1,0 +1,866 @@
+"""Streaming checkpoint I/O: read one tensor at a time, write a sharded child atomically.
+
+``CheckpointReader`` opens a checkpoint directory (one ``model.safetensors``, a sharded
+``model.safetensors.index.json``, or, only when allowed, pickled ``pytorch_model*.bin``) from its
+headers alone; ``get(name)`` then reads that one tensor with a single ``pread`` into fresh memory.
+
+``CheckpointWriter`` streams tensors straight into shard files as they arrive (memory stays at about
+the tensors in flight, never a whole shard), then writes the index, ``checksums.json``, config and
+tokenizer inside ``<out_dir>.tmp-<host>-<pid>-<id>``, renamed to ``out_dir`` only when complete.
+
+``check_compatible`` (in :mod:`darwin_hydra.io.compat`, re-exported here) is the pre-merge check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from darwin_hydra.io.compat import IncompatibleParentsError, check_compatible
+from darwin_hydra.io.format import (
+    CODES,
+    TensorEntry,
+    empty_for,
+    entry_json_len,
+    header_bytes,
+    pread_into,
+    read_header,
+    tensor_bytes,
+    write_all,
+)
+
+__all__ = [
+    "CheckpointReader",
+    "CheckpointWriter",
+    "IncompatibleParentsError",
+    "PickleRefusedError",
+    "check_compatible",
+    "tensor_sha256",
+    "SUPPORT_FILES",
+]
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+# Files besides the weights that make a checkpoint directory usable: copied from the source parent
+# into the child (fnmatch patterns, matched against names in the top level of the directory).
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.jinja",
+    "*.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+# Fingerprint (see CheckpointReader.fingerprint): models up to this many bytes are hashed in full,
+# larger ones through a strided sample of each tensor.
+FINGERPRINT_FULL_BYTES = 64 * 2**20
+FINGERPRINT_WINDOW = 4096
+FINGERPRINT_WINDOWS = 4
+
+
+class PickleRefusedError(ValueError):
+    """A checkpoint holds only pickled weights and ``allow_pickle`` is off."""
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes as safetensors stores them (C order, little-endian).
+
+    Dtype and shape are not part of the digest; ``checksums.json`` records one per tensor name.
+    """
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return hashlib.sha256(tensor_bytes(t.contiguous())).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+class CheckpointReader:
+    """Read-only, streaming view of a checkpoint directory (or a single ``.safetensors`` file).
+
+    Attributes: ``path`` (the directory), ``config`` (its ``config.json``, ``{}`` when absent),
+    ``names`` (canonical on-disk tensor names), ``format`` (``"safetensors"`` or ``"pickle"``).
+
+    ``names`` order: by file (shard file names sorted, so ``model-00001-of-…`` first), then by byte
+    offset inside the file, i.e. the order the bytes lie on disk; iterating in this order reads each
+    file sequentially. For pickled weights: by file, then the order of the file's state dict.
+
+    ``get(name)`` reads that tensor only and returns a tensor the caller owns (writable, not
+    memory-mapped). Safe to call from several threads at once (``os.preadv`` on one descriptor per
+    file, no shared position).
+
+    Pickled weights (``pytorch_model*.bin``) are refused unless ``allow_pickle=True``, then loaded
+    with ``torch.load(weights_only=True, mmap=True)``.
+    """
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        path = Path(path).expanduser()
+        if path.is_file() and path.suffix == ".safetensors":
+            self.path, files = path.parent, [path]
+        elif path.is_dir():
+            self.path, files = path, None
+        elif path.exists():
+            raise ValueError(f"{path}: not a checkpoint: give its directory (with config.json and *.safetensors)")
+        else:
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        self.allow_pickle = allow_pickle
+        self._lock = threading.Lock()
+        self._fds: dict[Path, int] = {}
+        self._entries: dict[str, TensorEntry] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        self._pickle_file: dict[str, Path] = {}
+        self._fingerprint: str | None = None
+        cfg = self.path / "config.json"
+        self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        if files is None:
+            files = self._safetensors_files()
+        if files:
+            self.format = "safetensors"
+            self._open_safetensors(files)
+        else:
+            self.format = "pickle"
+            self._open_pickle(self._pickle_files())
+        self.names: list[str] = list(self._entries) if self.format == "safetensors" else list(self._pickled)
+
+    # ---- discovery ------------------------------------------------------------------------------
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            self._weight_map = _weight_map(index)
+            files = sorted({self.path / f for f in self._weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{index} lists shard(s) that are not there: {', '.join(missing[:5])}; "
+                    "the download or export is incomplete"
+                )
+            return files
+        self._weight_map = None
+        if (self.path / SAFETENSORS_SINGLE).is_file():
+            return [self.path / SAFETENSORS_SINGLE]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _pickle_files(self) -> list[Path]:
+        index = self.path / PICKLE_INDEX
+        if index.is_file():
+            files = sorted({self.path / f for f in _weight_map(index).values()})
+        elif (self.path / PICKLE_SINGLE).is_file():
+            files = [self.path / PICKLE_SINGLE]
+        else:
+            files = sorted(self.path.glob("pytorch_model*.bin"))
+        if not files:
+            raise FileNotFoundError(
+                f"{self.path}: no weights found (expected model.safetensors, a {SAFETENSORS_INDEX} with its "
+                "shards, or pytorch_model*.bin)"
+            )
+        if not self.allow_pickle:
+            raise PickleRefusedError(
+                f"{files[0]}: this checkpoint has only pickled weights (.bin), and unpickling can run arbitrary "
+                "code, so it is refused. Convert it to safetensors, or set parents.allow_pickle=true "
+                "(CheckpointReader(..., allow_pickle=True)) to load it with torch.load(weights_only=True)."
+            )
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.path}: pickled shard(s) missing: {', '.join(missing[:5])}")
+        return files
+
+    def _open_safetensors(self, files: list[Path]) -> None:
+        where: dict[str, Path] = {}
+        for f in files:
+            entries, _ = read_header(f)
+            for e in sorted(entries.values(), key=lambda e: e.start):
+                if e.name in where:
+                    raise ValueError(f"{self.path}: tensor {e.name!r} is in two files: {where[e.name].name} and {f.name}")
+                where[e.name] = f
+                self._entries[e.name] = e
+        if self._weight_map is not None:
+            for name, fname in self._weight_map.items():
+                if where.get(name) is None or where[name].name != fname:
+                    raise ValueError(
+                        f"{self.path / SAFETENSORS_INDEX}: says {name!r} is in {fname}, but "
+                        + (f"it is in {where[name].name}" if name in where else "no shard has it")
+                        + "; the index does not match the shards (re-download or re-export)"
+                    )
+
+    def _open_pickle(self, files: list[Path]) -> None:
+        import pickle
+
+        for f in files:
+            log.warning("%s: loading pickled weights with torch.load(weights_only=True) (allow_pickle=true)", f)
+            try:
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e) and "zipfile" not in str(e):
+                        raise
+                    # Legacy (pre-zipfile) torch.save format: cannot be memory-mapped, load it whole.
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(
+                    f"{f}: torch.load(weights_only=True) refused this file: it holds objects other than plain "
+                    f"tensors, which darwin-hydra never unpickles ({str(e).splitlines()[0]}). Use a safetensors "
+                    "copy of the model."
+                ) from e
+            if not isinstance(sd, dict):
+                raise ValueError(f"{f}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    log.warning("%s: skipping %r, not a tensor (%s)", f, name, type(t).__name__)
+                    continue
+                if name in self._pickled:
+                    raise ValueError(f"{self.path}: tensor {name!r} is in two files: {self._pickle_file[name].name} and {f.name}")
+                self._pickled[name] = t
+                self._pickle_file[name] = f
+
+    # ---- metadata -------------------------------------------------------------------------------
+    def _missing(self, name: str) -> KeyError:
+        close = difflib.get_close_matches(name, self.names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return KeyError(f"{self.path}: no tensor {name!r} in this checkpoint ({len(self.names)} tensors){hint}")
+
+    def entry(self, name: str) -> TensorEntry:
+        """File, byte range, dtype and shape of a safetensors tensor (headers only)."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _pickled_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._pickled[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.format == "pickle":
+            return tuple(self._pickled_tensor(name).shape)
+        return self.entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self.format == "pickle":
+            return self._pickled_tensor(name).dtype
+        return self.entry(name).dtype
+
+    def nbytes(self, name: str) -> int:
+        if self.format == "pickle":
+            t = self._pickled_tensor(name)
+            return t.numel() * t.element_size()
+        return self.entry(name).nbytes
+
+    def file_of(self, name: str) -> Path:
+        """The file holding ``name``."""
+        return self._pickle_file[name] if self.format == "pickle" and name in self._pickle_file else self.entry(name).file
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all tensors (what an index's ``metadata.total_size`` records)."""
+        return sum(self.nbytes(n) for n in self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._pickled
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {len(self.names)} tensors, {self.format})"
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (and nothing else) into fresh, writable memory."""
+        if self.format == "pickle":
+            return self._pickled_tensor(name).clone()
+        e = self.entry(name)
+        t, buf = empty_for(e)
+        try:
+            pread_into(self._fd(e.file), buf, e.start, e.file, f"tensor {name!r}")
+        except OSError as err:
+            raise OSError(f"{e.file}: cannot read tensor {name!r}: {err}") from err
+        return t
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, in ``names`` order (default: ``self.names``, disk order)."""
+        order = list(self.names if names is None else names)
+        for i, name in enumerate(order):
+            if self.format == "safetensors" and i + 1 < len(order) and order[i + 1] in self._entries:
+                nxt = self._entries[order[i + 1]]
+                try:  # let the kernel read ahead the next tensor while the caller works on this one
+                    os.posix_fadvise(self._fd(nxt.file), nxt.start, nxt.nbytes, os.POSIX_FADV_WILLNEED)
+                except (AttributeError, OSError):
+                    pass
+            yield name, self.get(name)
+
+    def _sample(self, name: str, full: bool) -> Iterator[memoryview]:
+        """The bytes of ``name`` that the fingerprint hashes: all of them, or strided windows."""
+        n, w, k = self.nbytes(name), FINGERPRINT_WINDOW, FINGERPRINT_WINDOWS
+        if self.format == "pickle":
+            raw = tensor_bytes(self._pickled_tensor(name).contiguous())
+            if full or n <= w * k:
+                yield raw
+            else:
+                for i in range(k):
+                    off = (n - w) * i // (k - 1)
+                    yield raw[off : off + w]
+            return
+        e = self.entry(name)
+        spans = [(0, n)] if full or n <= w * k else [((n - w) * i // (k - 1), w) for i in range(k)]
+        for off, size in spans:
+            buf = memoryview(bytearray(size))
+            pread_into(self._fd(e.file), buf, e.start + off, e.file, f"tensor {name!r}")
+            yield buf
+
+    def fingerprint(self, full: bool | None = None) -> str:
+        """A stable 16-hex-digit identity of the weights (not of the file layout).
+
+        sha256 over, for each tensor in sorted name order: its name, dtype, shape, and its bytes —
+        all of them when the model is at most 64 MiB (or ``full=True``), else 4 windows of 4 KiB
+        strided evenly over the tensor (first and last included; tensors up to 16 KiB whole). So
+        resharding or a safetensors/pickle conversion keeps the fingerprint, any change of name,
+        shape, dtype or of a small model's values changes it, and so does any change touching the
+        sampled bytes of a large model (a fine-tune or merge changes nearly every element); a
+        60 GB model costs ~4 small reads per tensor instead of a full read. Cached per reader.
+        """
+        if full is None and self._fingerprint is not None:
+            return self._fingerprint
+        whole = bool(full) if full is not None else self.total_bytes <= FINGERPRINT_FULL_BYTES
+        h = hashlib.sha256(b"darwin-hydra fingerprint v1\n")
+        for name in sorted(self.names):
+            h.update(f"{name}\0{CODES.get(self.dtype(name), str(self.dtype(name)))}\0{list(self.shape(name))}\0".encode())
+            for chunk in self._sample(name, whole):
+                h.update(chunk)
+        digest = h.hexdigest()[:16]
+        if full is None:
+            self._fingerprint = digest
+        return digest
+
+    def close(self) -> None:
+        """Release the open file descriptors (a later ``get`` reopens what it needs)."""
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a valid index (needs a 'weight_map' of tensor name -> file): {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+class _Shard:
+    __slots__ = ("index", "path", "fd", "entries", "data_bytes", "header_estimate")
+
+    def __init__(self, index: int, path: Path, fd: int):
+        self.index, self.path, self.fd = index, path, fd
+        self.entries: dict[str, dict] = {}
+        self.data_bytes = 0
+        self.header_estimate = 64  # braces and {"__metadata__":{"format":"pt"}},
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+class CheckpointWriter:
+    """Write a child checkpoint as sharded safetensors, atomically.
+
+    Use as a context manager::
+
+        with CheckpointWriter(run_dir / "child", max_shard_bytes=2e9, source_dir=father.path) as w:
+            for name, t in tensors:
+                w.add(name, t)
+            w.write_text("README.md", card)
+        # out_dir now holds model-0000i-of-0000N.safetensors (or model.safetensors), the index,
+        # checksums.json, config.json, generation_config.json and the tokenizer files of source_dir
+
+    Tensors go straight to disk in ``add`` order: a shard is closed as soon as the next tensor would
+    take it past ``max_shard_bytes`` (a tensor larger than that gets a shard of its own), so memory
+    stays at the tensors in flight, never a whole shard. By default ``add`` writes and hashes
+    (sha256 for ``checksums.json``) before it returns; both release the GIL, so merge threads keep
+    computing meanwhile. With ``background=True`` a writer thread does that instead and at most
+    ``max_pending_bytes`` wait in its queue (``add`` blocks beyond); then **the writer keeps a
+    reference to each added tensor until it is written: do not modify it in place after adding**.
+    ``add`` may be called from one thread at a time (it takes a lock).
+
+    ``dtype``: floating-point tensors are cast to it (and config.json's ``dtype`` says so); integer
+    and bool tensors are written as they are. ``config``: a dict written as config.json instead of
+    ``source_dir``'s.
+
+    Everything is written inside ``<out_dir>.tmp-<host>-<pid>-<id>`` and renamed to ``out_dir`` only
+    when complete, so a killed export never leaves a directory named ``out_dir``; on an exception
+    the temporary directory is removed, after a kill a later writer for the same ``out_dir`` removes
+    it (when its process is gone). An existing ``out_dir`` is refused unless ``overwrite=True``;
+    then it is swapped atomically where the OS allows (Linux), else renamed away first.
+    """
+
+    HEADER_RESERVE = 256 * 1024  # bytes reserved in each shard for its header (a shard closes when full)
+    COMPACT_BELOW = 4 * 2**20  # shards with less data are rewritten with a compact header
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        max_shard_bytes: int = 2_000_000_000,
+        source_dir: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        overwrite: bool = False,
+        config: dict | None = None,
+        background: bool = False,
+        max_pending_bytes: int = 64 * 2**20,
+        fsync: bool = False,
+    ):
+        self.out_dir = Path(out_dir).expanduser().absolute()
+        self.max_shard_bytes = int(max_shard_bytes)
+        if self.max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.source_dir = Path(source_dir).expanduser() if source_dir is not None else None
+        if self.source_dir is not None and not self.source_dir.is_dir():
+            raise FileNotFoundError(f"source_dir {self.source_dir}: no such directory (config/tokenizer come from it)")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+        self.dtype = dtype
+        self.overwrite = overwrite
+        self.config = config
+        self.background = background
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.fsync = fsync
+        self.tmp_dir: Path | None = None
+        self.checksums: dict[str, str] = {}
+        self._names: set[str] = set()
+        self._shards: list[_Shard] = []
+        self._total_bytes = 0
+        self._written_files: set[str] = set()
+        self._state = "new"  # new -> open -> committed | aborted
+        self._add_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._pending: deque[tuple[str, torch.Tensor, int]] = deque()
+        self._pending_bytes = 0
+        self._closing = False
+        self._error: BaseException | None = None
+        self._worker: threading.Thread | None = None
+        self._t0 = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def open(self) -> CheckpointWriter:
+        """Create the temporary directory (done by ``with`` and by the first ``add``)."""
+        if self._state != "new":
+            return self
+        if self.out_dir.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{self.out_dir} already exists; choose another output directory or pass overwrite=True"
+            )
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_stale()
+        tag = f"{self.out_dir.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir = self.out_dir.parent / tag
+        self.tmp_dir.mkdir()
+        self._state = "open"
+        self._t0 = time.perf_counter()
+        if self.background:
+            self._worker = threading.Thread(target=self._run_worker, name=f"CheckpointWriter({self.out_dir.name})", daemon=True)
+            self._worker.start()
+        log.debug("writing %s via %s", self.out_dir, self.tmp_dir)
+        return self
+
+    def _clean_stale(self) -> None:
+        """Remove temporary directories of earlier writers to ``out_dir`` on this host whose process is gone."""
+        prefix = f"{self.out_dir.name}.tmp-"
+        host = _host_tag()
+        for p in self.out_dir.parent.glob(f"{glob_escape(prefix)}*"):
+            parts = p.name[len(prefix):].rsplit("-", 2)
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid != os.getpid() and not _pid_alive(pid) and p.is_dir():
+                log.info("removing %s, left by an export that did not finish (process %d is gone)", p, pid)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self._state == "open":
+                self.commit()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop, and remove the temporary directory (nothing appears at ``out_dir``)."""
+        if self._state in ("committed", "aborted"):
+            return
+        with self._cv:
+            self._closing = True
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+        for s in self._shards:
+            if s.fd >= 0:
+                os.close(s.fd)
+                s.fd = -1
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._state = "aborted"
+
+    # ---- adding tensors -------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor for writing under its canonical on-disk ``name``."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor name must be a non-empty str, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        with self._add_lock:
+            if self._state == "new":
+                self.open()
+            if self._state != "open":
+                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot add {name!r}")
+            self._raise_worker_error()
+            if name in self._names:
+                raise ValueError(f"{self.out_dir}: tensor {name!r} added twice")
+            t = tensor.detach()
+            if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            t = t.contiguous()
+            if t.dtype not in CODES:
+                raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+            self._names.add(name)
+            nbytes = t.numel() * t.element_size()
+            if self._worker is None:
+                self._write(name, t)
+                return
+            with self._cv:
+                while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes and self._error is None:
+                    self._cv.wait()
+                self._raise_worker_error()
+                self._pending.append((name, t, nbytes))
+                self._pending_bytes += nbytes
+                self._cv.notify_all()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"{self.out_dir}: writing failed: {self._error}") from self._error
+
+    def _run_worker(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                name, t, nbytes = self._pending[0]
+            try:
+                self._write(name, t)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                with self._cv:
+                    self._error = e
+                    self._pending.clear()
+                    self._pending_bytes = 0
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                if self._pending and self._pending[0][0] == name:
+                    self._pending.popleft()
+                    self._pending_bytes -= nbytes
+                self._cv.notify_all()
+
+    def _new_shard(self) -> _Shard:
+        assert self.tmp_dir is not None
+        index = len(self._shards) + 1
+        path = self.tmp_dir / f"model-{index:05d}.safetensors.partial"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.lseek(fd, 8 + self.HEADER_RESERVE, os.SEEK_SET)
+        shard = _Shard(index, path, fd)
+        self._shards.append(shard)
+        return shard
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        """Append one tensor to the current shard (worker thread, or caller thread without one)."""
+        nbytes = t.numel() * t.element_size()
+        code = CODES[t.dtype]
+        shard = self._shards[-1] if self._shards and self._shards[-1].fd >= 0 else None
+        if shard is not None:
+            entry_len = entry_json_len(name, code, tuple(t.shape), shard.data_bytes, shard.data_bytes + nbytes)
+            if (shard.data_bytes + nbytes > self.max_shard_bytes and shard.entries) or (
+                shard.header_estimate + entry_len > self.HEADER_RESERVE
+            ):
+                self._close_shard(shard)
+                shard = None
+        if shard is None:
+            shard = self._new_shard()
+        begin = shard.data_bytes
+        raw = tensor_bytes(t)
+        write_all(shard.fd, raw)
+        self.checksums[name] = hashlib.sha256(raw).hexdigest()
+        shard.entries[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [begin, begin + nbytes]}
+        shard.header_estimate += entry_json_len(name, code, tuple(t.shape), begin, begin + nbytes)
+        shard.data_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def _close_shard(self, shard: _Shard) -> None:
+        header = header_bytes(shard.entries, {"format": "pt"}, reserve=self.HEADER_RESERVE)
+        if len(header) == self.HEADER_RESERVE and shard.data_bytes >= self.COMPACT_BELOW:
+            os.pwrite(shard.fd, struct.pack("<Q", len(header)) + header, 0)
+            if self.fsync:
+                os.fsync(shard.fd)
+            os.close(shard.fd)
+        else:
+            # Small shard (or a header that outgrew its reservation): rewrite with a compact header.
+            os.close(shard.fd)
+            header = header_bytes(shard.entries, {"format": "pt"})
+            compact = shard.path.with_suffix(".compact")
+            with open(shard.path, "rb") as src, open(compact, "wb") as dst:
+                dst.write(struct.pack("<Q", len(header)) + header)
+                src.seek(8 + self.HEADER_RESERVE)
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+                if self.fsync:
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            compact.replace(shard.path)
+        shard.fd = -1
+
+    # ---- extra files ----------------------------------------------------------------------------
+    def _extra_path(self, relpath: str | Path) -> Path:
+        rel = Path(relpath)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"{relpath}: extra files must be relative paths inside the child directory")
+        if self._state == "new":
+            self.open()
+        if self._state != "open":
+            raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write {relpath}")
+        assert self.tmp_dir is not None
+        path = self.tmp_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._written_files.add(rel.as_posix())
+        return path
+
+    def write_text(self, relpath: str | Path, text: str) -> Path:
+        """Write a text file (README.md, genome.json, ...) into the child, committed with it.
+        A file written here is not overwritten by the copy from ``source_dir`` (e.g. config.json)."""
+        path = self._extra_path(relpath)
+        path.write_text(text)
+        return path
+
+    def write_json(self, relpath: str | Path, obj) -> Path:
+        """``write_text`` of ``obj`` as indented JSON."""
+        return self.write_text(relpath, json.dumps(obj, indent=2) + "\n")
+
+    def add_file(self, relpath: str | Path, src: str | Path) -> Path:
+        """Copy an existing file into the child, committed with it."""
+        path = self._extra_path(relpath)
+        shutil.copyfile(src, path)
+        return path
+
+    # ---- commit ---------------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Finish the shards, write index/checksums/config/tokenizer and move the child into place."""
+        if self._state == "committed":
+            return self.out_dir
+        if self._state == "new":
+            self.open()
+        if self._state != "open":
+            raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot commit")
+        try:
+            self._drain()
+            if not self._names:
+                raise ValueError(f"{self.out_dir}: no tensors were added; refusing to write an empty checkpoint")
+            self._finish_files()
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        secs = time.perf_counter() - self._t0
+        log.info(
+            "wrote %s: %d tensors, %.2f GB in %d shard(s), %.1f s (%.0f MB/s)",
+            self.out_dir, len(self._names), self._total_bytes / 1e9, len(self._shards), secs,
+            self._total_bytes / 1e6 / max(secs, 1e-9),
+        )
+        return self.out_dir
+
+    def _drain(self) -> None:
+        if self._worker is not None:
+            with self._cv:
+                self._closing = True
+                self._cv.notify_all()
+            self._worker.join()
+            self._worker = None
+        self._raise_worker_error()
+
+    def _finish_files(self) -> None:
+        assert self.tmp_dir is not None
+        if self._shards and self._shards[-1].fd >= 0:
+            self._close_shard(self._shards[-1])
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for s in self._shards:
+            final = SAFETENSORS_SINGLE if n == 1 else f"model-{s.index:05d}-of-{n:05d}.safetensors"
+            s.path.rename(self.tmp_dir / final)
+            s.path = self.tmp_dir / final
+            weight_map.update(dict.fromkeys(s.entries, final))
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.tmp_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        sums = {
+            "algorithm": "sha256",
+            "of": "each tensor's raw bytes as stored (C order, little-endian); see darwin_hydra.io.tensor_sha256",
+            "tensors": dict(sorted(self.checksums.items())),
+        }
+        (self.tmp_dir / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+        self._write_config()
+        self._copy_support_files()
+        if self.fsync:
+            for p in self.tmp_dir.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as fh:
+                        os.fsync(fh.fileno())
+
+    def _write_config(self) -> None:
+        assert self.tmp_dir is not None
+        if "config.json" in self._written_files:
+            return
+        config = self.config
+        if config is None and self.source_dir is not None:
+            src = self.source_dir / "config.json"
+            if not src.is_file():
+                raise FileNotFoundError(
+                    f"{src}: source_dir has no config.json, so the child would not be loadable; "
+                    "pass config=... or a source_dir with config.json"
+                )
+            config = json.loads(src.read_text())
+        if config is None:
+            log.warning("%s: no source_dir or config given: the child has no config.json", self.out_dir)
+            return
+        config = dict(config)
+        if self.dtype is not None:
+            name = str(self.dtype).removeprefix("torch.")
+            config["dtype"] = name
+            config.pop("torch_dtype", None)
+            for key, sub in list(config.items()):
+                if isinstance(sub, dict) and ("dtype" in sub or "torch_dtype" in sub):
+                    sub = dict(sub)
+                    sub.pop("torch_dtype", None)
+                    sub["dtype"] = name
+                    config[key] = sub
+        (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def _copy_support_files(self) -> None:
+        assert self.tmp_dir is not None
+        if self.source_dir is None:
+            return
+        import fnmatch
+
+        for src in sorted(self.source_dir.iterdir()):
+            if not src.is_file() or src.name == "config.json" or src.name in self._written_files:
+                continue
+            if any(fnmatch.fnmatch(src.name, pat) for pat in SUPPORT_FILES):
+                shutil.copyfile(src, self.tmp_dir / src.name)
+
+    def _move_into_place(self) -> None:
+        assert self.tmp_dir is not None
+        if not self.out_dir.exists():
+            os.rename(self.tmp_dir, self.out_dir)
+            return
+        if not self.overwrite:
+            raise FileExistsError(f"{self.out_dir} appeared while writing; pass overwrite=True to replace it")
+        if _exchange(self.tmp_dir, self.out_dir):
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)  # now holds the previous out_dir
+        else:
+            old = self.out_dir.parent / f"{self.out_dir.name}.old-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out_dir, old)
+            os.rename(self.tmp_dir, self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("replaced the previous %s", self.out_dir)
+
+
+def glob_escape(s: str) -> str:
+    """``s`` with glob metacharacters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", s)
