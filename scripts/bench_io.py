@@ -7,6 +7,7 @@ fresh subprocess so that peak RSS (ru_maxrss) belongs to that measurement alone:
 
 - read:      CheckpointReader.iter_tensors over every tensor (page cache warm);
 - copy:      reader -> CheckpointWriter (sharded, checksums), i.e. the merge engine's I/O with a no-op merge;
+- merge3:    three readers -> float32 linear merge -> writer (the merge engine's I/O around a trivial merge);
 - save_file: the same copy through safetensors.torch.save_file of each shard held in memory (baseline).
 """
 
@@ -89,6 +90,15 @@ def run_one(mode: str, src: Path, work: Path) -> dict:
             shard[name] = t
             size += t.numel() * t.element_size()
         save_file(shard, out / f"model-{i + 1:05d}.safetensors", metadata={"format": "pt"})
+    elif mode == "merge3":
+        # Three parents -> a linear merge in float32 -> bf16 child: the engine's I/O around a trivial merge.
+        import torch
+
+        readers = [r, CheckpointReader(src), CheckpointReader(src)]
+        with CheckpointWriter(out, max_shard_bytes=200_000_000, source_dir=src) as w:
+            for name in r.names:
+                a, b, c = (x.get(name).float() for x in readers)
+                w.add(name, (0.5 * a + 0.3 * b + 0.2 * c).to(torch.bfloat16))
     elif mode == "fingerprint":
         r.fingerprint()
     secs = time.perf_counter() - t0
@@ -110,7 +120,7 @@ def main() -> None:
         return
     if not (src / "config.json").exists():
         build(src)
-    modes = ["read", "fingerprint", "copy", "copy_sync", "save_file"] if args.mode == "all" else [args.mode]
+    modes = ["read", "fingerprint", "copy", "copy_sync", "save_file", "merge3"] if args.mode == "all" else [args.mode]
     for mode in modes:
         res = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--mode", mode, "--child"],
                              capture_output=True, text=True, check=True)

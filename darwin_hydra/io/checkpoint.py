@@ -145,6 +145,7 @@ class CheckpointReader:
         self._pickled: dict[str, torch.Tensor] = {}
         self._pickle_file: dict[str, Path] = {}
         self._fingerprint: str | None = None
+        self._weight_map: dict[str, str] | None = None
         cfg = self.path / "config.json"
         self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
         if files is None:
@@ -798,10 +799,8 @@ class CheckpointWriter:
         self._write_config()
         self._copy_support_files()
         if self.fsync:
-            for p in self.tmp_dir.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as fh:
-                        os.fsync(fh.fileno())
+            for p in [*self.tmp_dir.rglob("*"), self.tmp_dir]:
+                _fsync_path(p)
 
     def _write_config(self) -> None:
         assert self.tmp_dir is not None
@@ -846,6 +845,14 @@ class CheckpointWriter:
 
     def _move_into_place(self) -> None:
         assert self.tmp_dir is not None
+        try:
+            self._rename_into_place()
+        finally:
+            if self.fsync:
+                _fsync_path(self.out_dir.parent)
+
+    def _rename_into_place(self) -> None:
+        assert self.tmp_dir is not None
         if not self.out_dir.exists():
             os.rename(self.tmp_dir, self.out_dir)
             return
@@ -859,6 +866,15 @@ class CheckpointWriter:
             os.rename(self.tmp_dir, self.out_dir)
             shutil.rmtree(old, ignore_errors=True)
         log.info("replaced the previous %s", self.out_dir)
+
+
+def _fsync_path(p: Path) -> None:
+    """fsync a file or directory (durability across power loss; a kill alone loses nothing)."""
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def glob_escape(s: str) -> str:

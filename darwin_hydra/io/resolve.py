@@ -27,6 +27,8 @@ ALLOW_PATTERNS = [
     "vocab.txt",
 ]
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
+# Duplicates in other formats that some repos carry beside the transformers weights (Mistral, Llama).
+IGNORE_PATTERNS = ["consolidated*", "original/*", "*.pth", "*.pt", "*.gguf", "onnx/*"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -40,9 +42,9 @@ def _truthy(value: str | None) -> bool:
 
 
 def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set (read now, not when huggingface_hub was imported)."""
-    if _truthy(os.environ.get("HF_HUB_OFFLINE")):
-        return True
+    """True when ``HF_HUB_OFFLINE`` is set (the environment now wins over what huggingface_hub read at import)."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        return _truthy(os.environ["HF_HUB_OFFLINE"])
     try:
         from huggingface_hub import constants
 
@@ -137,6 +139,7 @@ def _from_hub(repo_id: str, *, allow_download: bool, revision: str | None, cache
             revision=revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             allow_patterns=patterns,
+            ignore_patterns=IGNORE_PATTERNS,
             local_files_only=local_only,
         )
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
