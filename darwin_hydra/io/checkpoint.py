@@ -348,7 +348,12 @@ class CheckpointReader:
                     yield raw[off : off + w]
             return
         e = self.entry(name)
-        spans = [(0, n)] if full or n <= w * k else [((n - w) * i // (k - 1), w) for i in range(k)]
+        chunk = 16 * 2**20  # full hashes read big tensors piecewise
+        spans = (
+            [(off, min(chunk, n - off)) for off in range(0, n, chunk)]
+            if full or n <= w * k
+            else [((n - w) * i // (k - 1), w) for i in range(k)]
+        )
         for off, size in spans:
             buf = memoryview(bytearray(size))
             pread_into(self._fd(e.file), buf, e.start + off, e.file, f"tensor {name!r}")
@@ -590,6 +595,14 @@ class CheckpointWriter:
         if self.tmp_dir is not None:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._state = "aborted"
+
+    def __del__(self) -> None:
+        # A writer dropped without commit is abandoned: leave nothing behind.
+        try:
+            if self._state == "open":
+                self.abort()
+        except Exception:
+            pass
 
     # ---- adding tensors -------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
