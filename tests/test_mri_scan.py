@@ -15,6 +15,15 @@ from darwin_hydra.mri.moe import find_routers, moe_scan
 from darwin_hydra.mri.probes import _reduce, _token_distance, layer_importance, load_probe_prompts, text_decoder
 from darwin_hydra.testing.tiny import TINY_ARCHS, perturbed_copy, save_tiny, tiny_model
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is fastest, and immune to other processes on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 ALPHABET = string.ascii_lowercase + string.digits + " +=:?"
 PROMPTS = {
     "MATH": ["12+7=19", "3+4=", "100+250=350 ok", "9+9="],

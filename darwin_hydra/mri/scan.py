@@ -43,53 +43,10 @@ SCANS_RUN = {"static": 0, "probe": 0, "moe": 0}
 # reading checkpoints
 
 
-class _SafetensorsDir:
-    """Minimal streaming reader of a directory of ``*.safetensors`` files (used when the I/O layer's
-    ``CheckpointReader`` is not available)."""
-
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.path}: no *.safetensors files (the MRI reads safetensors checkpoints)")
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), "pt") as s:
-                for k in s.keys():
-                    self._where[k] = f
-        self.names = list(self._where)
-        self._files = files
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), "pt") as s:
-            return s.get_tensor(name)
-
-    def fingerprint(self) -> str:
-        """sha256 over each file's name, size, header and 16 sampled 64 KiB slices of its data."""
-        h = hashlib.sha256()
-        for f in self._files:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-                for i in range(16):
-                    fh.seek(8 + n + (size - 8 - n) * i // 16)
-                    h.update(fh.read(65536))
-        return h.hexdigest()[:16]
-
-
 def open_reader(path: str | Path):
-    """The I/O layer's ``CheckpointReader`` (``.names``, ``.get``, ``.fingerprint``), or a plain
-    safetensors reader when the I/O layer is not installed."""
-    try:
-        from darwin_hydra.io.checkpoint import CheckpointReader
-    except ImportError:
-        return _SafetensorsDir(path)
+    """The I/O layer's streaming reader of a checkpoint (``.names``, ``.get``, ``.fingerprint``)."""
+    from darwin_hydra.io.checkpoint import CheckpointReader
+
     return CheckpointReader(path)
 
 
@@ -426,7 +383,7 @@ def run_scan(
     from_cache = scans is not None
     if scans is None:
         start = time.perf_counter()
-        static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress)
+        static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress, device=cfg.device)
         SCANS_RUN["static"] += 1
         tokenizer = load_tokenizer(father, mother)
         probe_f, moe_f = _scan_parent(father, tokenizer, prompts, probes, cfg, "father")

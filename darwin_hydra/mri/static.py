@@ -87,7 +87,7 @@ def tensor_stats(t: torch.Tensor, bins: int = 256) -> TensorStats:
     mean = total / count
     # second pass for the variance (sum of squared deviations) and the histogram: exact, chunked
     ssd = 0.0
-    hist = torch.zeros(bins, dtype=torch.float64)
+    hist = torch.zeros(bins, dtype=torch.float64, device=t.device)
     for c in _chunks(t):
         if n_nan or n_inf:
             c = c[torch.isfinite(c)]
@@ -176,12 +176,17 @@ class StaticScan:
 
 
 def static_scan(
-    father: TensorSource, mother: TensorSource, bins: int = 256, names: Iterable[str] | None = None, progress: bool = True
+    father: TensorSource,
+    mother: TensorSource,
+    bins: int = 256,
+    names: Iterable[str] | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> StaticScan:
     """Stream both parents tensor by tensor: stats of each, pair stats where both have the tensor.
 
     A tensor only one parent has gets its own stats and no pair entry (logged); shapes that differ are
-    an error naming the tensor.
+    an error naming the tensor. ``device``: where the reductions run (a GPU makes large models fast).
     """
     f_names, m_names = list(father.names), set(mother.names)
     f_set = set(f_names)
@@ -189,8 +194,8 @@ def static_scan(
     out = StaticScan({}, {}, {})
     only = []
     for name in tqdm(order, desc="MRI static scan", unit="tensor", disable=not progress):
-        a = father.get(name) if name in f_set else None
-        b = mother.get(name) if name in m_names else None
+        a = father.get(name).to(device) if name in f_set else None
+        b = mother.get(name).to(device) if name in m_names else None
         if a is not None:
             out.father[name] = tensor_stats(a, bins)
         if b is not None:
