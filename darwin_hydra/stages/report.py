@@ -56,7 +56,7 @@ def benchmark_models(ctx: RunContext) -> dict[str, object]:
 def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]:
     """Markdown table (accuracy % with 95% CI per task and the skill mean) and paired-bootstrap
     child-minus-other differences of the skill mean; also returns the numbers as data."""
-    from darwin_hydra.evaluate.stats import paired_bootstrap
+    from darwin_hydra.evaluate.stats import bootstrap_ci, paired_bootstrap
 
     models = list(results)
     tasks = list(results[models[0]].tasks)
@@ -66,24 +66,24 @@ def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]
     for m in models:
         r = results[m]
         cells = []
-        data["models"][m] = {"mean": r.mean, "mean_ci": list(r.mean_ci), "tasks": {}}
+        _, mlo, mhi = bootstrap_ci(r.correct, n_boot=n_boot, seed=seed)
+        data["models"][m] = {"mean": r.mean, "mean_ci": [mlo, mhi], "tasks": {}}
         for t in tasks:
             tr = r.tasks[t]
-            cells.append(f"{100 * tr.accuracy:.1f} [{100 * tr.ci[0]:.1f}, {100 * tr.ci[1]:.1f}]")
-            data["models"][m]["tasks"][t] = {"accuracy": tr.accuracy, "ci": list(tr.ci), "n": tr.n}
-        cells.append(f"**{100 * r.mean:.1f}** [{100 * r.mean_ci[0]:.1f}, {100 * r.mean_ci[1]:.1f}]")
+            cells.append(f"{100 * tr.accuracy:.1f} [{100 * tr.ci_low:.1f}, {100 * tr.ci_high:.1f}]")
+            data["models"][m]["tasks"][t] = {"accuracy": tr.accuracy, "ci": [tr.ci_low, tr.ci_high], "n": tr.n}
+        cells.append(f"**{100 * r.mean:.1f}** [{100 * mlo:.1f}, {100 * mhi:.1f}]")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Accuracy in %, 95% interval in brackets.", ""]
     if "child" in results:
         lines += ["Child minus each other model (skill mean, paired bootstrap over items within each task, "
                   f"{n_boot} resamples, 95% interval):", "", "| child minus | difference | 95% interval | excludes 0 |",
                   "|---|---|---|---|"]
-        child = {t: results["child"].tasks[t].correct for t in tasks}
+        child = results["child"].correct
         for m in models:
             if m == "child":
                 continue
-            other = {t: results[m].tasks[t].correct for t in tasks}
-            diff, lo, hi = paired_bootstrap(child, other, n_boot=n_boot, seed=seed)
+            diff, lo, hi = paired_bootstrap(child, results[m].correct, n_boot=n_boot, seed=seed)
             data["differences"][m] = {"diff": diff, "ci": [lo, hi]}
             excl = "yes" if lo > 0 or hi < 0 else "no"
             lines.append(f"| {m} | {100 * diff:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {excl} |")
@@ -144,7 +144,7 @@ class ReportStage(Stage):
 
         results = benchmark_models(ctx)
         bench_md, bench_data = benchmark_section(results, int(cfg.benchmark.n_bootstrap), int(cfg.seed))
-        table = {m: {t: (100 * r.tasks[t].accuracy, 100 * r.tasks[t].ci[0], 100 * r.tasks[t].ci[1]) for t in r.tasks}
+        table = {m: {t: (100 * r.tasks[t].accuracy, 100 * r.tasks[t].ci_low, 100 * r.tasks[t].ci_high) for t in r.tasks}
                  for m, r in results.items()}
         images["benchmark"] = charts.benchmark_bars(table, chart_dir / "benchmark.png")
 

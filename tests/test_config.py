@@ -1,0 +1,84 @@
+"""Config composition: every option of every group composes against the schema; typos are errors
+that name the key; the installed command prints the composed config from any directory."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from darwin_hydra.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("__"))
+
+
+def _compose(overrides):
+    register_configs()
+    with initialize_config_module(config_module="darwin_hydra_conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def options():
+    for group in GROUPS:
+        for f in sorted((CONF / group).glob("*.yaml")):
+            yield group, f.stem
+
+
+@pytest.mark.parametrize("group,option", list(options()))
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "parents" and option == "local":
+        overrides += ["parents.father=/tmp/a", "parents.mother=/tmp/b"]
+    cfg = _compose(overrides)
+    # everything but Hydra's own runtime interpolations resolves
+    cfg.paths.output_dir = "/tmp/run"
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_config_groups_of_the_design_card_exist():
+    assert {"parents", "probes", "genome", "optimizer", "benchmark"} <= set(GROUPS)
+
+
+def test_misspelt_key_is_an_error_naming_it():
+    with pytest.raises(ConfigCompositionException, match="ratoi"):
+        _compose(["merge.ratoi=0.5"])
+    with pytest.raises(ConfigCompositionException, match="phase1_trialz"):
+        _compose(["optimizer.phase1_trialz=3"])
+
+
+def test_unknown_group_option_is_an_error_naming_it():
+    with pytest.raises(ConfigCompositionException, match="gemma9"):
+        _compose(["parents=gemma9"])
+
+
+def test_bounds_override_narrows_one_gene():
+    cfg = _compose(["genome.bounds.mri_trust=[0.5,1.0]"])
+    assert list(cfg.genome.bounds.mri_trust) == [0.5, 1.0]
+    assert list(cfg.genome.bounds.global_ratio) == [0.0, 1.0]
+
+
+def test_cli_prints_composed_config_from_any_directory(tmp_path):
+    exe = Path(sys.executable).with_name("darwin-hydra")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "darwin_hydra.cli"]
+    p = subprocess.run(cmd + ["--cfg", "job", "parents=gemma4_31b"], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, HYDRA_FULL_ERROR="0"))
+    assert p.returncode == 0, p.stderr
+    assert "google/gemma-4-31B-it" in p.stdout and "TeichAI/gemma-4-31B-it-Claude-Opus-Distill" in p.stdout
+    p = subprocess.run(cmd + ["--cfg", "job", "parents=nope"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode != 0 and "nope" in p.stderr
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    import tomllib
+
+    listed = set(tomllib.loads((CONF.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    pkgs = {
+        ".".join(p.parent.relative_to(CONF.parent).parts)
+        for p in (CONF.parent / "darwin_hydra").rglob("__init__.py")
+    }
+    assert pkgs <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(pkgs - listed)}"
