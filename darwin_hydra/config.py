@@ -73,8 +73,6 @@ class OptimizerConfig:
     phase2_trials: int = 16
     patience: int = 6
     min_delta: float = 0.002
-    # CMA-ES step size relative to each gene's range (Optuna's default is 1/6 of the range)
-    sigma_scale: float = 0.25
     popsize: Optional[int] = None
     # where the study lives: null -> sqlite file in the run dir; or any Optuna storage URL
     storage: Optional[str] = None

@@ -35,7 +35,10 @@ def load_run_config(run_dir: Path):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a darwin-hydra run directory?")
     saved = OmegaConf.load(path)
     saved.paths.output_dir = str(run_dir)
-    cfg = OmegaConf.merge(OmegaConf.structured(DarwinConfig), saved)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(DarwinConfig), saved)
+    except Exception as e:  # omegaconf's validation errors name the key
+        raise ValueError(f"{path} does not fit this darwin-hydra version's config schema: {e}") from e
     cfg.logger.enabled = False
     return cfg
 

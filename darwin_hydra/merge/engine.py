@@ -79,7 +79,7 @@ def merge_tensor(
     a = father.to(device=device, dtype=torch.float32)
     b = mother.to(device=device, dtype=torch.float32)
     c = None if base is None else base.to(device=device, dtype=torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(genome_hash, name)) if recipe.random else None
+    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(genome_hash, name))
     kw = dict(
         density_a=recipe.density_a,
         density_b=recipe.density_b,

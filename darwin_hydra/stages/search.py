@@ -176,4 +176,4 @@ class SearchStage(Stage):
         ctx.tracker.log_summary({"search/best_fitness": result.best_value, "search/genome_hash": best_hash,
                                  "search/benchmark_evaluations": n_eval})
         log.info("search: best fitness %.4f (phase %d), genome_hash %s", result.best_value, result.best_phase, best_hash)
-        log.info("search config: %s", OmegaConf.to_container(opt))
+        log.info("search config: %s", OmegaConf.to_container(opt, resolve=True))
