@@ -56,6 +56,12 @@ class GenomeConfig:
     per_component: bool = False
     # the method the genome's merge_method_weight blends dare_ties with
     blend_method: str = "linear"
+    # MoE: where each block's router (gate) comes from, blocks splitting the layers equally:
+    # e.g. [mother, mother, father] is Darwin-35B-A3B-Opus's B,B,A; "merge" follows the ratio map
+    router_source: Optional[list[str]] = None
+    # MoE: experts dead in the mother's scan and alive in the father's take the father's weights
+    # (and the father's router rows for them); dead = the MRI's moe_dead_rule
+    revive_dead_experts: bool = False
 
 
 @dataclass

@@ -1,11 +1,69 @@
-"""One place where a genome becomes a merge recipe (the merge engine's ratio map)."""
+"""One place where a genome becomes a merge recipe (the merge engine's ratio map), MoE rules included.
+
+MoE rules (applied after the genome's ratios):
+
+- router source per block: with ``router_source = [s_0, ..., s_{k-1}]`` the layers split into k
+  equal blocks; the router tensors (``mlp.gate``, ``shared_expert_gate``) of block b come whole from
+  s_b (``father`` / ``mother``) or follow the ratio map (``merge``).
+- dead-expert revival: an expert dead in the mother's MoE scan and alive in the father's takes all
+  of the father's weights for that expert, and the router rows that score that expert (row e of
+  ``mlp.gate.weight``) are the father's: tokens reach the revived expert the way they reached it in
+  the father, while the other rows follow the router's own recipe.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
+from darwin_hydra.arch import EXPERT, ROUTER, tensor_info
+from darwin_hydra.merge.recipe import FATHER, MOTHER, RatioMap, TensorRecipe
 from darwin_hydra.search.genome import GenomeSpace, digest, genome_hash, tensor_ratios
+
+ROUTER_SOURCES = (FATHER, MOTHER, "merge")
+
+
+def revival_plan(moe_father: Any, moe_mother: Any) -> dict[int, list[int]]:
+    """Layer -> experts dead in the mother's MoE scan and alive in the father's (their dead masks)."""
+    if moe_father is None or moe_mother is None:
+        return {}
+    dead_f = moe_father.dead_experts()
+    plan = {}
+    for layer, dead in moe_mother.dead_experts().items():
+        revive = [e for e in dead if e not in dead_f.get(layer, [])]
+        if revive:
+            plan[int(layer)] = revive
+    return plan
+
+
+def apply_moe_rules(
+    recipes: dict[str, TensorRecipe],
+    num_layers: int,
+    router_source: Sequence[str] | None = None,
+    revive: Mapping[int, Sequence[int]] | None = None,
+) -> dict[str, TensorRecipe]:
+    """Router source per block and dead-expert revival on top of a recipe map (see module doc)."""
+    if router_source:
+        bad = [s for s in router_source if s not in ROUTER_SOURCES]
+        if bad:
+            raise ValueError(f"genome.router_source: {bad} not in {ROUTER_SOURCES}")
+    out = dict(recipes)
+    for name, rec in recipes.items():
+        info = tensor_info(name)
+        if info.layer is None:
+            continue
+        if info.component == ROUTER and router_source:
+            k = len(router_source)
+            src = router_source[min(info.layer * k // max(num_layers, 1), k - 1)]
+            if src != "merge":
+                out[name] = replace(rec, source=src)
+        if revive and info.layer in revive:
+            experts = tuple(sorted(int(e) for e in revive[info.layer]))
+            if info.component == EXPERT and info.expert in experts:
+                out[name] = replace(out[name], source=FATHER)
+            elif info.component == ROUTER and "shared_expert_gate" not in name and out[name].source != FATHER:
+                out[name] = replace(out[name], rows_from=((FATHER, experts),))
+    return out
 
 
 def genome_ratio_map(
@@ -16,11 +74,14 @@ def genome_ratio_map(
     num_layers: int,
     t_lo: float | None,
     t_hi: float | None,
+    router_source: Sequence[str] | None = None,
+    revive: Mapping[int, Sequence[int]] | None = None,
 ) -> RatioMap:
     """Per-tensor DARE-TIES recipes of a genome (``values`` = the space's genes).
 
     r(T) as in ``darwin_hydra.search.genome``; densities and merge_method_weight are genome-wide;
-    tensors with r(T) < t_lo or > t_hi are transplanted whole from the father or the mother.
+    tensors with r(T) < t_lo or > t_hi are transplanted whole from the father or the mother; then
+    the MoE rules (module doc).
     """
     genes = space.full(values)
     ratios = tensor_ratios(names, genes, r_mri, num_layers, space.n_blocks)
@@ -36,6 +97,8 @@ def genome_ratio_map(
             t_lo=t_lo,
             t_hi=t_hi,
         )
+    if router_source or revive:
+        recipes = apply_moe_rules(recipes, num_layers, router_source, revive)
     return RatioMap(recipes)
 
 
@@ -45,10 +108,16 @@ def uniform_ratio_map(names: Sequence[str], ratio: float) -> RatioMap:
 
 
 def hash_context(
-    space: GenomeSpace, fingerprints: Mapping[str, str], r_mri: Mapping[str, float] | None, t_lo, t_hi
+    space: GenomeSpace, fingerprints: Mapping[str, str], r_mri: Mapping[str, float] | None, t_lo, t_hi,
+    router_source=None, revive=None,
 ) -> dict[str, Any]:
     """Everything besides the genes that decides the child, for ``genome_hash``."""
-    return {
+    moe = {}
+    if router_source:
+        moe["router_source"] = list(router_source)
+    if revive:
+        moe["revive"] = {str(k): sorted(v) for k, v in sorted(revive.items())}
+    return moe | {
         "space": space.name,
         "genes": list(space.genes),
         "fixed": dict(space.fixed),
@@ -60,5 +129,12 @@ def hash_context(
     }
 
 
-def hash_genome(space, values, fingerprints, r_mri, t_lo, t_hi) -> str:
-    return genome_hash(values, hash_context(space, fingerprints, r_mri, t_lo, t_hi))
+def moe_rules(genome_cfg: Any, scan: Any) -> tuple[list[str] | None, dict[int, list[int]]]:
+    """(router_source, revival plan) of a genome config and the run's MRI."""
+    router_source = list(genome_cfg.router_source) if genome_cfg.router_source else None
+    revive = revival_plan(scan.moe_father, scan.moe_mother) if genome_cfg.revive_dead_experts else {}
+    return router_source, revive
+
+
+def hash_genome(space, values, fingerprints, r_mri, t_lo, t_hi, router_source=None, revive=None) -> str:
+    return genome_hash(values, hash_context(space, fingerprints, r_mri, t_lo, t_hi, router_source, revive))

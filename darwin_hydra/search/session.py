@@ -32,6 +32,8 @@ class TrialSession:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         trust_remote_code: bool = False,
+        router_source=None,
+        revive=None,
     ):
         from darwin_hydra.merge.engine import InMemoryMerger
 
@@ -40,6 +42,7 @@ class TrialSession:
         self.names = list(father.names)
         self.num_layers = num_layers(father.config)
         self.space, self.r_mri, self.t_lo, self.t_hi = space, dict(r_mri or {}), t_lo, t_hi
+        self.router_source, self.revive = router_source, dict(revive or {})
         self.fingerprints = {role: r.fingerprint() for role, r in self.readers.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(father.path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
@@ -56,10 +59,12 @@ class TrialSession:
         )
 
     def genome_hash(self, values: Mapping[str, float]) -> str:
-        return hash_genome(self.space, values, self.fingerprints, self.r_mri, self.t_lo, self.t_hi)
+        return hash_genome(self.space, values, self.fingerprints, self.r_mri, self.t_lo, self.t_hi,
+                           self.router_source, self.revive)
 
     def ratio_map(self, values: Mapping[str, float]):
-        return genome_ratio_map(self.space, values, self.names, self.r_mri, self.num_layers, self.t_lo, self.t_hi)
+        return genome_ratio_map(self.space, values, self.names, self.r_mri, self.num_layers, self.t_lo, self.t_hi,
+                                self.router_source, self.revive)
 
     def apply_genome(self, values: Mapping[str, float]) -> str:
         """Write the genome's child into the trial model; return its genome_hash."""

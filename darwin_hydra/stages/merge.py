@@ -42,20 +42,22 @@ def child_recipe(ctx: RunContext) -> ChildRecipe:
         genome = json.loads(gpath.read_text())
     if genome is not None:
         from darwin_hydra.mri.config import mri_config
-        from darwin_hydra.search.recipe import genome_ratio_map, hash_genome
+        from darwin_hydra.search.recipe import genome_ratio_map, hash_genome, moe_rules
         from darwin_hydra.stages.scan import ensure_scan
 
         space = GenomeSpace.from_config(ctx.cfg.genome, L)
         mri = mri_config(ctx.cfg.mri)
-        r_mri = dict(ensure_scan(ctx).r_mri)
+        scan = ensure_scan(ctx)
+        r_mri = dict(scan.r_mri)
+        router_source, revive = moe_rules(ctx.cfg.genome, scan)
         fingerprints = {role: r.fingerprint() for role, r in readers.items()}
-        h = hash_genome(space, genome["genes"], fingerprints, r_mri, mri.t_lo, mri.t_hi)
+        h = hash_genome(space, genome["genes"], fingerprints, r_mri, mri.t_lo, mri.t_hi, router_source, revive)
         if genome.get("genome_hash") and genome["genome_hash"] != h:
             raise ValueError(
                 f"{gpath}: genome_hash {genome['genome_hash']} does not match the hash {h} of its genes with these "
                 "parents, prescription and settings: the parents or the config changed since the genome was found"
             )
-        rmap = genome_ratio_map(space, genome["genes"], father.names, r_mri, L, mri.t_lo, mri.t_hi)
+        rmap = genome_ratio_map(space, genome["genes"], father.names, r_mri, L, mri.t_lo, mri.t_hi, router_source, revive)
         return ChildRecipe(rmap, h, genome, "genome")
     from darwin_hydra.merge.recipe import plain_ratio_map
 

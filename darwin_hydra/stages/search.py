@@ -32,11 +32,13 @@ def storage_url(ctx: RunContext) -> tuple[str, float]:
     return f"sqlite:///{(ctx.run_dir / 'study.db').resolve()}", 0.0
 
 
-def make_session(ctx: RunContext, space: GenomeSpace, r_mri):
+def make_session(ctx: RunContext, space: GenomeSpace, r_mri, scan=None):
     from darwin_hydra.mri.config import mri_config
+    from darwin_hydra.search.recipe import moe_rules
     from darwin_hydra.search.session import TrialSession
 
     mri = mri_config(ctx.cfg.mri)
+    router_source, revive = moe_rules(ctx.cfg.genome, scan) if scan is not None else (None, {})
     return TrialSession(
         ctx.readers(),
         space,
@@ -46,6 +48,8 @@ def make_session(ctx: RunContext, space: GenomeSpace, r_mri):
         dtype=ctx.torch_dtype(),
         device=str(ctx.cfg.device),
         trust_remote_code=bool(ctx.cfg.parents.trust_remote_code),
+        router_source=router_source,
+        revive=revive,
     )
 
 
@@ -66,7 +70,7 @@ class SearchStage(Stage):
         space = GenomeSpace.from_config(cfg.genome, L)
         r_mri = dict(scan.r_mri)
         x0 = fit_genome_to_prescription(space, r_mri, L) if opt.mri_seeded else space.centre()
-        session = make_session(ctx, space, r_mri)
+        session = make_session(ctx, space, r_mri, scan)
 
         # proxy teachers: the parents' outputs on the probe prompts, computed once
         prompts = load_probe_prompts(ctx, int(opt.proxy_prompts))
@@ -132,6 +136,8 @@ class SearchStage(Stage):
             "mri_seeded": bool(opt.mri_seeded),
             "parents": session.fingerprints,
             "transplant": [session.t_lo, session.t_hi],
+            "router_source": session.router_source,
+            "revived_experts": {str(k): v for k, v in session.revive.items()},
         }
         ctx.write_json("genome.json", genome)
         ctx.artifacts["genome"] = genome
