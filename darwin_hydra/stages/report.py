@@ -199,3 +199,7 @@ class ReportStage(Stage):
                               [[m] + [v[0] for v in row.values()] + [100 * results[m].mean] for m, row in table.items()])
         ctx.tracker.log_summary({f"test/{m}_mean": r.mean for m, r in results.items()})
         log.info("report: %s\n%s", ctx.run_dir / "report.md", bench_md)
+        if cfg.export.push_to_hub:
+            from darwin_hydra.report.hub import push_child
+
+            push_child(child_dir, cfg.export.hub_repo_id, bool(cfg.export.hub_private))
