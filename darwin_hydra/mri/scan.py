@@ -350,6 +350,7 @@ def run_scan(
     resolve: Callable[[str], str] | None = None,
     cache_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    mother_sets: list[str] | None = None,
 ) -> MriResult:
     """Model MRI of a parent pair: static scan (streamed), probe scan and MoE scan of each parent,
     the prescription r_mri, ``scan.json`` and charts in ``out_dir``.
@@ -357,7 +358,9 @@ def run_scan(
     ``father_path``/``mother_path``: local checkpoint directories (``zoo://`` URIs go through
     ``resolve``). ``probes_cfg``/``mri_cfg``: dataclasses or OmegaConf nodes. ``cache_dir``: where
     scans are cached (None: no cache); with ``mri.cache`` on, a second call with the same parents,
-    prompts and scan settings reads the cache and scans nothing.
+    prompts and scan settings reads the cache and scans nothing. ``mother_sets``: the probe sets the
+    mother is known to be better at (e.g. ``[parents.mother_skill]``); overrides ``mri.mother_sets``;
+    None = that setting, else inferred from the scan.
     """
     probes = probes_config(probes_cfg)
     cfg = mri_config(mri_cfg)
@@ -404,7 +407,7 @@ def run_scan(
     moe_f = MoeScan.from_dict(moe["father"]) if moe.get("father") else None
     moe_m = MoeScan.from_dict(moe["mother"]) if moe.get("mother") else None
     names = [n for n in static.father if n in static.mother]
-    prescription = prescribe(probe_f, probe_m, static, cfg, names, weights)
+    prescription = prescribe(probe_f, probe_m, static, cfg, names, weights, mother_sets)
     result = MriResult(
         father=str(father),
         mother=str(mother),
