@@ -37,6 +37,23 @@ def run_health(ctx: RunContext, model_dir) -> dict:
                              reduce=mri.probe_reduce, progress=mri.progress)
     father, mother = scan.probe_father.importance, scan.probe_mother.importance
     report = health_from_config(child.importance, father, mother, ctx.cfg.health)
+    moe = None
+    if mri.moe and scan.moe_mother is not None:
+        from darwin_hydra.arch import is_moe
+        from darwin_hydra.mri.moe import moe_scan
+        from darwin_hydra.mri.scan import calibration_prompts
+
+        if is_moe(model.config):  # the child on the same calibration data as the parents
+            child_moe = moe_scan(model, tok, calibration_prompts(prompts, mri.moe_calibration), probes.max_length,
+                                 probes.batch_size, mri.moe_dead_rule, mri.moe_dead_threshold,
+                                 mri.moe_dead_abs_threshold, progress=mri.progress)
+            moe = {
+                role: {"dead": sum(len(v) for v in s.dead_experts().values()),
+                       "experts": s.num_experts * len(s.layers),
+                       "per_layer": {str(k): v for k, v in s.per_layer().items()}}
+                for role, s in (("father", scan.moe_father), ("mother", scan.moe_mother), ("child", child_moe))
+                if s is not None
+            }
     chart = health_curves(child.importance, father, mother, report.flagged_layers, ctx.run_dir / "charts" / "health.png")
     out = {
         "verdict": report.verdict,
@@ -45,6 +62,7 @@ def run_health(ctx: RunContext, model_dir) -> dict:
         "thresholds": report.thresholds,
         "importance": {"child": child.importance, "father": father, "mother": mother},
         "chart": str(chart),
+        "moe": moe,
     }
     return out
 
@@ -58,6 +76,9 @@ class HealthStage(Stage):
         ctx.artifacts["health"] = out
         ctx.tracker.log_images({"health/curves": out["chart"]})
         ctx.tracker.log_summary({"health/verdict": out["verdict"], "health/flags": len(out["flags"])})
+        if out["moe"]:
+            ctx.tracker.log_summary({f"moe/dead_{role}": v["dead"] for role, v in out["moe"].items()})
+            log.info("MoE dead experts: %s", {role: f"{v['dead']}/{v['experts']}" for role, v in out["moe"].items()})
         if out["verdict"] == "healthy":
             log.info("health: child is healthy (no interference or function loss at the configured thresholds)")
         else:

@@ -106,6 +106,25 @@ def health_section(health: dict | None) -> str:
     return "\n".join(lines)
 
 
+def moe_section(health: dict | None) -> str:
+    """Dead experts and routing entropy per layer for father, mother and child (same calibration data)."""
+    moe = (health or {}).get("moe")
+    if not moe:
+        return ""
+    roles = list(moe)
+    lines = ["## MoE health", "", "Dead experts (MRI rule) and routing entropy (bits) per layer, on the same "
+             "calibration prompts for every model.", "",
+             "| layer | " + " | ".join(f"dead share {r}" for r in roles) + " | " + " | ".join(f"entropy {r}" for r in roles) + " |",
+             "|---|" + "---|" * (2 * len(roles))]
+    layers = list(moe[roles[0]]["per_layer"])
+    for l in layers:
+        cells = [f"{moe[r]['per_layer'][l]['dead_share']:.2f}" for r in roles]
+        cells += [f"{moe[r]['per_layer'][l]['routing_entropy']:.2f}" for r in roles]
+        lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    lines += ["", "Dead experts in all: " + ", ".join(f"{r} {moe[r]['dead']}/{moe[r]['experts']}" for r in roles) + "."]
+    return "\n".join(lines)
+
+
 def per_layer_ratios(ratio_map, num_layers: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Mean ratio per layer and component (attn / ffn), and transplant counts per layer."""
     from darwin_hydra.arch import ATTN, tensor_info
@@ -171,7 +190,7 @@ class ReportStage(Stage):
                 lines += [f"### {k.replace('_', ' ')}", "", f"![{k}]({relpath(p, base)})", ""]
             return "\n".join(lines)
 
-        sections = {"benchmark": bench_md, "health": health_section(health)}
+        sections = {"benchmark": bench_md, "health": "\n\n".join(s for s in (health_section(health), moe_section(health)) if s)}
         report_md = "\n\n".join(
             [f"# darwin-hydra report: {cfg.parents.name}", f"Run directory: `{ctx.run_dir}`",
              model_card(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)}).split("---\n", 2)[-1]]
