@@ -7,6 +7,7 @@ Credentials come from the environment (``WANDB_API_KEY``) only, never from confi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,7 +56,11 @@ class Tracker:
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
         )
-        log.info("W&B run %s (%s mode) in %s", self.run.id, lcfg.mode, run_dir)
+        log.info("W&B run %s (%s mode, group %s) in %s", self.run.id, lcfg.mode, group, run_dir)
+        # where to find this run on the dashboard, for people and for tests
+        (run_dir / "tracking.json").write_text(json.dumps(
+            {"project": str(lcfg.project), "entity": lcfg.entity, "group": group, "run_id": self.run.id,
+             "run_name": self.run.name, "mode": str(lcfg.mode)}, indent=2))
 
     @property
     def enabled(self) -> bool:
