@@ -11,13 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from darwin_hydra.mri.charts import _save  # noqa: E402  (one figure-saving rule for every chart)
 
 
 def evolution_curve(history: Sequence[Mapping], path: Path) -> Path:

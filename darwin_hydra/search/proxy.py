@@ -43,7 +43,7 @@ def _batch(tokenizer, texts: list[str], max_length: int) -> _Batch:
 
 
 @torch.no_grad()
-def _logprobs(model, batch: _Batch) -> torch.Tensor:
+def logprobs(model, batch: _Batch) -> torch.Tensor:
     out = model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
     return F.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
 
@@ -69,7 +69,7 @@ class TeacherKLProxy:
         top_k: int = 64,
     ):
         """``*_logprobs_fn(batch) -> (B, T-1, V) log-probs``: run the parent on a batch (for the
-        in-memory search: load the parent into the trial model, then call ``_logprobs``)."""
+        in-memory search: load the parent into the trial model, then call ``logprobs``)."""
         if getattr(tokenizer, "pad_token", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.batches = {p: _batch(tokenizer, texts, max_length) for p, texts in prompts.items() if texts}
@@ -97,7 +97,7 @@ class TeacherKLProxy:
         kls = []
         for p, b in self.batches.items():
             t = self.teachers[p]
-            child = _logprobs(model, b).gather(-1, t.topk_idx)
+            child = logprobs(model, b).gather(-1, t.topk_idx)
             kl = (t.topk_logp.exp() * (t.topk_logp - child)).sum(-1)
             kls.append(float(kl[t.mask].mean()))
         return -sum(kls) / len(kls)

@@ -59,10 +59,12 @@ class SearchStage(Stage):
     def run(self, ctx: RunContext) -> None:
         from darwin_hydra.arch import num_layers
         from darwin_hydra.search.loop import search
-        from darwin_hydra.search.proxy import TeacherKLProxy, _logprobs
+        from darwin_hydra.search.proxy import TeacherKLProxy, logprobs
         from darwin_hydra.stages.scan import ensure_scan
 
         cfg, opt = ctx.cfg, ctx.cfg.optimizer
+        if opt.proxy != "teacher_kl":
+            raise ValueError(f"optimizer.proxy={opt.proxy!r}: the proxy implemented is 'teacher_kl'")
         check_honest_split(cfg.benchmark)
         scan = ensure_scan(ctx)
         father = ctx.readers()["father"]
@@ -78,7 +80,7 @@ class SearchStage(Stage):
         def parent_logprobs(ratio):
             def fn(batch):
                 session.apply_uniform(ratio)
-                return _logprobs(session.model, batch)
+                return logprobs(session.model, batch)
 
             return fn
 
