@@ -85,6 +85,60 @@ def test_prefix_shared_scan_equals_naive_skip(arch, reduce):
     assert sum(sum(v) for v in scan.importance.values()) > 0
 
 
+def _reference_copy(model, layers_changed, scale=0.05, seed=3):
+    import copy
+
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    _, ref_layers, _ = text_decoder(ref)
+    with torch.no_grad():
+        for l in layers_changed:
+            for p in ref_layers[l].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale * (float(p.std()) if p.numel() > 1 else 1.0))
+    return ref
+
+
+@torch.no_grad()
+def naive_delta(model, ref, tok, prompts):
+    """Layer l's output replaced by the reference layer l's output on the same arguments, one full pass per layer."""
+    _, layers, norm = text_decoder(model)
+    _, ref_layers, _ = text_decoder(ref)
+    cap, out = {}, {}
+    h = norm.register_forward_hook(lambda m, a, o: cap.__setitem__("o", o))
+    for name, texts in prompts.items():
+        enc = tok(texts, padding=True, padding_side="right", return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "use_cache": False}
+        model(**batch)
+        full = cap["o"]
+        dist = []
+        for l, layer in enumerate(layers):
+            swap = layer.register_forward_hook(
+                lambda m, args, kwargs, o, l=l: ref_layers[l](*args, **kwargs), with_kwargs=True
+            )
+            model(**batch)
+            swap.remove()
+            dist.append(float(_reduce(_token_distance(full, cap["o"]), batch["attention_mask"], "mean").mean()))
+        out[name] = dist
+    h.remove()
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_delta_probe_equals_naive_layer_swap_and_is_zero_where_weights_agree(arch):
+    model = tiny_model(arch, num_layers=4)
+    ref = _reference_copy(model, layers_changed=[1, 2], scale=0.3)
+    tok = char_tokenizer()
+    scan = layer_importance(model, tok, PROMPTS, max_length=32, batch_size=8, progress=False, reference=ref)
+    ref_scan = naive_delta(model, ref, tok, PROMPTS)
+    for name in PROMPTS:
+        assert scan.delta[name] == pytest.approx(ref_scan[name], abs=1e-5), (arch, name)
+        d = scan.delta[name]
+        assert d[0] < 1e-6 and d[3] < 1e-6 and min(d[1], d[2]) > 1e-4, (arch, d)
+    assert scan.delta_layer_evals == 2 * (4 * 5 // 2)
+    assert scan.layer_evals == 2 * (4 + 6)
+    assert layer_importance(model, tok, PROMPTS, progress=False).delta is None
+
+
 def test_importance_is_independent_of_batching():
     model = tiny_model("llama", num_layers=3)
     tok = char_tokenizer()

@@ -94,3 +94,20 @@ def prescribed_ratio(p: "Prescription", t_lo: float, t_hi: float, path: Path) ->
     ax.set_title(f"prescribed ratio per layer (mother's sets: {', '.join(p.mother_sets)})")
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
+
+
+def delta_heatmaps(father: "ProbeScan", mother: "ProbeScan", reference: str, path: Path) -> Path:
+    """Probe set x layer heatmaps of the delta probe D_p(l) for both parents: where each parent's own
+    version of a layer (vs the reference's) matters for each set."""
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * max(4, 0.35 * father.num_layers + 2), 0.5 * len(father.sets) + 1.8), squeeze=False
+    )
+    vmax = max(max(max(v) for v in s.delta.values()) for s in (father, mother)) or 1e-6
+    for ax, (role, scan) in zip(axes[0], (("father", father), ("mother", mother))):
+        data = np.array([scan.delta[p] for p in scan.sets])
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_yticks(range(len(scan.sets)), scan.sets)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{role}: layer replaced by the {reference}'s (delta probe)")
+        fig.colorbar(im, ax=ax, label="D_p(l)")
+    return _save(fig, path)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 # Allowed values of the string options, checked by ``MriConfig.validate`` (errors name the option).
 PROBE_REDUCE = ("mean", "last")
 BLENDS = ("raw", "share")
-PROBE_TERMS = ("all", "own")
+PROBE_TERMS = ("all", "own", "delta")
 SHARPEN = ("none", "temperature", "stretch")
 OUTSIDE_RULES = ("nearest", "mean", "static", "half")
 DEAD_RULES = ("relative", "absolute")
@@ -73,14 +73,19 @@ class MriConfig:
     # --- probe scan ---
     # cosine distance per prompt: "mean" over its valid tokens or the "last" valid token only
     probe_reduce: str = "mean"
+    # also measure D_p(l): the distance when a parent's layer l is replaced by the reference's (the base
+    # when given, else the other parent) -- where each parent's own changes matter. Needs two models in
+    # memory at once and L(L+1)/2 more layer evaluations per batch.
+    delta_probe: bool = True
     # --- prescription ---
     # combined = alpha*static + (1-alpha)*probe
     alpha: float = 0.4
     # "raw": blend the terms' raw magnitudes (Darwin); "share": turn each term into the mother's share
     # term_B/(term_A+term_B) first, so alpha weighs two signals on one scale
     blend: str = "share"
-    # "all": each parent's probe term sums every set (Darwin); "own": only the sets it is better at
-    # (lower next-token loss on the set's prompts)
+    # "all": each parent's probe term sums every set's skip importance (Darwin); "own": the mean of the
+    # normalised skip-importance profiles of the sets it owns; "delta": the same with the delta probe
+    # (docs/mri.md, "The prescription")
     probe_terms: str = "own"
     # the probe sets the mother is better at (e.g. [MATH]); null = inferred from the scan (the sets
     # where her importance summed over layers exceeds the father's)

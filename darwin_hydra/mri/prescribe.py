@@ -20,6 +20,10 @@ documented, configurable steps make it track where each parent's abilities live:
   does not win every layer. The mother owns ``mother_sets`` when given, else the sets whose relative
   advantage rho_p = sum_l (I^B_p - I^A_p) / sum_l (I^A_p + I^B_p) is above the mean rho over sets;
   the father owns the rest. (``all`` = Darwin: every set, raw importances, summed.)
+* ``probe_terms=delta``: as ``own`` but with the delta probe D^X_p(l) (the distance when X's layer l is
+  replaced by the reference's: the base when given, else the other parent) in place of the skip
+  importance: where each parent's own changes matter for its sets. With a base, D is 0 at layers a
+  parent did not change, so its changed layers lean to it. Falls back to ``own`` without a delta probe.
 * ``sharpen``: ``temperature`` r' = sigmoid(logit(r)/T); ``stretch`` r' = 0.5 + (r-0.5) * s/q with
   q = the largest |mean r(l) - 0.5| over layers, s = ``stretch_to``, clipped to [0, 1] (skipped when
   q < ``stretch_floor``: parents the scan cannot tell apart are left at their raw ratio).
@@ -84,17 +88,30 @@ def transplant_decision(r: float, t_lo: float, t_hi: float) -> str:
     return FATHER if r < t_lo else MOTHER if r > t_hi else MERGE
 
 
-def relative_advantage(father: ProbeScan, mother: ProbeScan) -> dict[str, float]:
-    """rho_p = sum_l (I^B_p(l) - I^A_p(l)) / sum_l (I^A_p(l) + I^B_p(l)) per probe set: in [-1, 1],
-    positive where the mother's layers matter more for p."""
+def has_delta(*scans: ProbeScan) -> bool:
+    """True when every scan carries the delta probe."""
+    return all(s.delta is not None for s in scans)
+
+
+def _signal(scan: ProbeScan, kind: str) -> dict[str, list[float]]:
+    return scan.delta if kind == "delta" else scan.importance  # type: ignore[return-value]
+
+
+def relative_advantage(father: ProbeScan, mother: ProbeScan, kind: str = "skip") -> dict[str, float]:
+    """rho_p = sum_l (X^B_p(l) - X^A_p(l)) / sum_l (X^A_p(l) + X^B_p(l)) per probe set, X = the skip
+    importance I (``kind="skip"``) or the delta probe D (``"delta"``): in [-1, 1], positive where the
+    mother's layers (or her changes) matter more for p."""
+    fa, mo = _signal(father, kind), _signal(mother, kind)
     out = {}
     for p in father.sets:
-        a, b = sum(father.importance[p]), sum(mother.importance[p])
+        a, b = sum(fa[p]), sum(mo[p])
         out[p] = (b - a) / (a + b) if a + b > 0 else 0.0
     return out
 
 
-def mother_probe_sets(father: ProbeScan, mother: ProbeScan, given: Sequence[str] | None = None) -> list[str]:
+def mother_probe_sets(
+    father: ProbeScan, mother: ProbeScan, given: Sequence[str] | None = None, kind: str = "skip"
+) -> list[str]:
     """The probe sets the mother is taken to own: ``given`` when set (``mri.mother_sets``), else the sets
     whose relative advantage rho_p is above the mean over sets (a fine-tune usually makes all of its
     layers matter more; what stands out is where it matters most)."""
@@ -103,7 +120,7 @@ def mother_probe_sets(father: ProbeScan, mother: ProbeScan, given: Sequence[str]
         if unknown:
             raise ValueError(f"mri.mother_sets: {unknown} not among the probe sets {father.sets}")
         return list(given)
-    rho = relative_advantage(father, mother)
+    rho = relative_advantage(father, mother, kind)
     if len(rho) == 1:
         return [p for p, v in rho.items() if v > 0]
     mean = sum(rho.values()) / len(rho)
@@ -124,21 +141,23 @@ def probe_terms(
     L = father.num_layers
     if mode == "all":
         return father.total(w), mother.total(w), sets, sets
-    if mode != "own":
-        raise ValueError(f"mri.probe_terms={mode!r}: choose 'all' or 'own'")
+    if mode not in ("own", "delta"):
+        raise ValueError(f"mri.probe_terms={mode!r}: choose 'all', 'own' or 'delta'")
+    kind = "delta" if mode == "delta" else "skip"
     b_sets = [p for p in sets if p in set(mother_sets)]
     a_sets = [p for p in sets if p not in set(b_sets)]
     if not a_sets or not b_sets:
         log.warning(
-            "MRI: the %s is better on no probe set; both parents' probe terms use all sets",
+            "MRI: the %s owns no probe set; both parents' probe terms use all sets",
             "mother" if not b_sets else "father",
         )
         a_sets = b_sets = sets
 
     def mean_over(scan: ProbeScan, chosen: list[str]) -> list[float]:
+        values = _signal(scan, kind)
         tw = sum(w[p] for p in chosen) or 1.0
-        total = {p: sum(scan.importance[p]) or 1.0 for p in chosen}
-        return [sum(w[p] * scan.importance[p][l] / total[p] for p in chosen) / tw for l in range(L)]
+        total = {p: sum(values[p]) or 1.0 for p in chosen}
+        return [sum(w[p] * values[p][l] / total[p] for p in chosen) / tw for l in range(L)]
 
     return mean_over(father, a_sets), mean_over(mother, b_sets), a_sets, b_sets
 
@@ -167,8 +186,13 @@ def prescribe(
     cfg.validate()
     names = list(names) if names is not None else [n for n in static.father if n in static.mother]
     L = scan_father.num_layers
-    m_sets = mother_probe_sets(scan_father, scan_mother, mother_sets or cfg.mother_sets)
-    pa, pb, a_sets, b_sets = probe_terms(scan_father, scan_mother, weights or {}, cfg.probe_terms, m_sets)
+    mode = cfg.probe_terms
+    if mode == "delta" and not has_delta(scan_father, scan_mother):
+        log.warning("MRI: probe_terms=delta but the scan has no delta probe (mri.delta_probe=false); using 'own'")
+        mode = "own"
+    kind = "delta" if mode == "delta" else "skip"
+    m_sets = mother_probe_sets(scan_father, scan_mother, mother_sets or cfg.mother_sets, kind)
+    pa, pb, a_sets, b_sets = probe_terms(scan_father, scan_mother, weights or {}, mode, m_sets)
 
     def stat(stats: Mapping[str, TensorStats], name: str) -> float:
         s = stats.get(name)
@@ -232,7 +256,7 @@ def prescribe(
         probe_mother=pb,
         raw_per_layer=layer_mean,
         stretch_factor=factor,
-        settings={k: getattr(cfg, k) for k in (
+        settings={"probe_terms_used": mode} | {k: getattr(cfg, k) for k in (
             "name", "w_entropy", "w_std", "w_norm", "norm_cap", "alpha", "blend", "probe_terms",
             "sharpen", "temperature", "stretch_to", "outside_layers", "t_lo", "t_hi",
         )},

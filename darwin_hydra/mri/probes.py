@@ -21,6 +21,16 @@ e.g. L=8: 36 vs 64; L=40: 820 vs 1600; L=64: 2080 vs 4096.
 The same pass gives ShortGPT's block influence for free: BI(l) = 1 - cos(h_l, h_{l+1}), reduced over
 tokens the same way.
 
+Delta probe (optional, ``reference=`` another model of the same architecture: the base both parents
+descend from, or the other parent when there is none)::
+
+    D_p(l) = mean over prompts of  d( f(x), f_{l <- ref}(x) )
+
+the distance when layer l is replaced by the reference's layer l (same inputs, same extra arguments):
+how much this model's own version of layer l -- what its training changed there -- matters for p.
+D is exactly 0 at layers whose weights equal the reference's. It rides on the same cached prefix:
+L-l more layer evaluations for each l, L(L+1)/2 per batch.
+
 Side effects of a skipped layer: a layer that writes into a state shared with later layers (Gemma 4's
 KV sharing dict) is treated as in the "output replaced by input" definition: the replay of layers
 l+1.. starts from the shared state as it was after layer l ran in the full pass.
@@ -55,8 +65,9 @@ _DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 class ProbeScan:
     """Per probe set and layer: importance I_p(l) and block influence BI_p(l); plus the work it took.
 
-    ``layer_evals`` counts decoder-layer calls actually made; ``naive_layer_evals`` what skipping each
-    layer in its own full pass would have cost (L*L per batch).
+    ``layer_evals`` counts decoder-layer calls the skip probe made (the full pass included);
+    ``naive_layer_evals`` what skipping each layer in its own full pass would have cost (L*L per
+    batch); ``delta_layer_evals`` the delta probe's extra calls (L(L+1)/2 per batch).
     """
 
     sets: list[str]
@@ -70,6 +81,9 @@ class ProbeScan:
     batches: int
     seconds: float
     reduce: str = "mean"
+    # D_p(l) of the delta probe (None when no reference model was given) and its layer evaluations
+    delta: dict[str, list[float]] | None = None
+    delta_layer_evals: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,12 +185,19 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device
 
 @torch.no_grad()
 def skip_layer_distances(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], reduce: str = "mean"
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For one tokenized batch: (D, BI, layer evaluations) with D[l, b] = distance of prompt b's final
-    hidden state when layer l is skipped, BI[l, b] = 1 - cos(h_l, h_{l+1}); prefix-shared (module doc)."""
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    reduce: str = "mean",
+    reference_layers: nn.ModuleList | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+    """For one tokenized batch: (S, BI, D, layer evaluations) with S[l, b] = distance of prompt b's final
+    hidden state when layer l is skipped, BI[l, b] = 1 - cos(h_l, h_{l+1}), D[l, b] the distance when
+    layer l is replaced by ``reference_layers[l]`` (None without reference), and the layer evaluations
+    of the skip and of the delta probe; prefix-shared (module doc)."""
     owner, layers, norm = text_decoder(model)
     L = len(layers)
+    if reference_layers is not None and len(reference_layers) != L:
+        raise ValueError(f"delta probe: the reference has {len(reference_layers)} decoder layers, the model {L}")
     calls: list[_LayerCall | None] = [None] * L
     inputs: list[torch.Tensor | None] = [None] * L
     final: dict[str, torch.Tensor] = {}
@@ -212,7 +233,17 @@ def skip_layer_distances(
     evals = L
     dist = torch.empty(L, mask.shape[0])
     bi = torch.empty(L, mask.shape[0])
+    delta = torch.empty(L, mask.shape[0]) if reference_layers is not None else None
+    delta_evals = 0
     for l in range(L):
+        if delta is not None:
+            # layer l replaced by the reference's, fed exactly what the model's own layer l got
+            state = {k: copy.copy(v) for k, v in calls[l].state.items()}
+            h = _call_layer(reference_layers[l], calls[l], inputs[l], state)
+            for j in range(l + 1, L):
+                h = _call_layer(layers[j], calls[j], h, state)
+            delta_evals += L - l
+            delta[l] = _reduce(_token_distance(full, norm(h)), mask, reduce).cpu()
         nxt = inputs[l + 1] if l + 1 < L else final["in"]
         bi[l] = _reduce(_token_distance(inputs[l], nxt), mask, reduce).cpu()
         h = inputs[l]
@@ -223,7 +254,7 @@ def skip_layer_distances(
                 h = _call_layer(layers[j], calls[j], h, state)
                 evals += 1
         dist[l] = _reduce(_token_distance(full, norm(h)), mask, reduce).cpu()
-    return dist, bi, evals
+    return dist, bi, delta, evals, delta_evals
 
 
 @torch.no_grad()
@@ -235,19 +266,25 @@ def layer_importance(
     batch_size: int = 16,
     reduce: str = "mean",
     progress: bool = True,
+    reference: nn.Module | None = None,
 ) -> ProbeScan:
     """Importance of every decoder layer for every probe set (module doc for the formula and the
     prefix sharing). ``prompts`` maps a probe-set name to its prompts. Works on dense, MoE and hybrid
-    (Gated DeltaNet) decoders and on multimodal wrappers (the text decoder's layers)."""
+    (Gated DeltaNet) decoders and on multimodal wrappers (the text decoder's layers). With
+    ``reference`` (same architecture, same device), also the delta probe D_p(l)."""
     if reduce not in ("mean", "last"):
         raise ValueError(f"probe reduce={reduce!r}: choose 'mean' or 'last'")
     model.eval()
     device = next(model.parameters()).device
     _, layers, _ = text_decoder(model)
     L = len(layers)
+    ref_layers = None
+    if reference is not None:
+        reference.eval()
+        _, ref_layers, _ = text_decoder(reference)
     start = time.perf_counter()
-    importance, influence, n_prompts, n_tokens = {}, {}, {}, {}
-    evals = batches = 0
+    importance, influence, deltas, n_prompts, n_tokens = {}, {}, {}, {}, {}
+    evals = delta_evals = batches = 0
     total_batches = sum(math.ceil(len(v) / batch_size) for v in prompts.values())
     bar = tqdm(total=total_batches, desc="MRI probe scan", unit="batch", disable=not progress)
     for name, texts in prompts.items():
@@ -255,18 +292,23 @@ def layer_importance(
             raise ValueError(f"probe set {name!r} has no prompts")
         d_sum = torch.zeros(L, dtype=torch.float64)
         b_sum = torch.zeros(L, dtype=torch.float64)
+        x_sum = torch.zeros(L, dtype=torch.float64)
         tokens = 0
         for i in range(0, len(texts), batch_size):
             batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
-            d, b, e = skip_layer_distances(model, batch, reduce)
+            d, b, x, e, xe = skip_layer_distances(model, batch, reduce, ref_layers)
             d_sum += d.double().sum(1)
             b_sum += b.double().sum(1)
+            if x is not None:
+                x_sum += x.double().sum(1)
             tokens += int(batch["attention_mask"].sum())
             evals += e
+            delta_evals += xe
             batches += 1
             bar.update(1)
         importance[name] = (d_sum / len(texts)).tolist()
         influence[name] = (b_sum / len(texts)).tolist()
+        deltas[name] = (x_sum / len(texts)).tolist()
         n_prompts[name] = len(texts)
         n_tokens[name] = tokens
     bar.close()
@@ -282,6 +324,8 @@ def layer_importance(
         batches=batches,
         seconds=time.perf_counter() - start,
         reduce=reduce,
+        delta=deltas if reference is not None else None,
+        delta_layer_evals=delta_evals,
     )
 
 

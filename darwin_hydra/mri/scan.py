@@ -98,6 +98,8 @@ class MriResult:
     prescription: Prescription
     cache_key: str = ""
     from_cache: bool = False
+    # what the delta probe replaced each parent's layers with: "base", "other parent", or "" (no delta probe)
+    reference: str = ""
     scan_seconds: float = 0.0
     chart_paths: dict[str, Path] = field(default_factory=dict)
 
@@ -123,11 +125,19 @@ class MriResult:
             for p in self.probe_father.sets
         }
 
-    def mother_advantage_ranking(self, sets: list[str] | None = None) -> list[int]:
-        """Layers ordered by the mother's advantage on ``sets`` (default: her sets), strongest first."""
+    def mother_advantage(self, sets: list[str] | None = None) -> list[float]:
+        """Per layer, the mother's advantage on ``sets`` (default: her sets): with the delta probe, how
+        much her own version of the layer matters for them, sum_p D^B_p(l); without it, how much more her
+        layer matters than the father's, sum_p I^B_p(l) - I^A_p(l)."""
         sets = sets or self.prescription.mother_sets
+        if self.probe_mother.delta is not None:
+            return [sum(self.probe_mother.delta[p][l] for p in sets) for l in range(self.num_layers)]
         adv = self.advantage()
-        score = [sum(-adv[p][l] for p in sets) for l in range(self.num_layers)]
+        return [sum(-adv[p][l] for p in sets) for l in range(self.num_layers)]
+
+    def mother_advantage_ranking(self, sets: list[str] | None = None) -> list[int]:
+        """Layers ordered by ``mother_advantage(sets)``, strongest first."""
+        score = self.mother_advantage(sets)
         return sorted(range(self.num_layers), key=lambda l: -score[l])
 
     def moe_per_layer(self) -> dict[str, dict[int, dict[str, float]]]:
@@ -146,6 +156,7 @@ class MriResult:
             "fingerprints": self.fingerprints,
             "cache_key": self.cache_key,
             "from_cache": self.from_cache,
+            "reference": self.reference,
             "scan_seconds": self.scan_seconds,
             "probes": self.probes,
             "settings": self.settings,
@@ -190,6 +201,7 @@ class MriResult:
             prescription=Prescription.from_dict(d["prescription"]),
             cache_key=d.get("cache_key", ""),
             from_cache=bool(d.get("from_cache", False)),
+            reference=d.get("reference", ""),
             scan_seconds=float(d.get("scan_seconds", 0.0)),
             chart_paths={k: Path(v) for k, v in (d.get("charts") or {}).items()},
         )
@@ -221,25 +233,39 @@ class MriResult:
             if layer is not None and layer < L:
                 counts[layer][t] += 1
         moe = self.moe_per_layer()
-        head = f"{'layer':>5} {'imp A':>7} {'imp B':>7} {'B adv':>7} {'BI A':>6} {'r_mri':>6} {'A/mix/B':>9}"
+        delta = pf.delta is not None and pm.delta is not None
+        f_sets = pr.father_sets
+        head = f"{'layer':>5} {'imp A':>7} {'imp B':>7} {'B adv':>7} {'BI A':>6}"
+        if delta:
+            head += f" {'D A':>7} {'D B':>7}"
+        head += f" {'r_mri':>6} {'A/mix/B':>9}"
         if moe:
             head += f" {'dead A':>6} {'dead B':>6} {'H A':>5} {'H B':>5}"
         lines = [
             f"Model MRI  father={self.father}  mother={self.mother}",
             f"  {'cache hit (' + self.cache_key + ')' if self.from_cache else f'scanned in {self.scan_seconds:.1f} s'}"
             f"; probe sets {', '.join(pf.sets)}; mother's sets: {', '.join(m_sets) or '-'}",
-            f"  layer evaluations per parent: {pf.layer_evals} (naive skip-one-layer: {pf.naive_layer_evals}); "
-            f"probe scan {pf.seconds:.1f} s + {pm.seconds:.1f} s",
+            f"  layer evaluations per parent: {pf.layer_evals} (naive skip-one-layer: {pf.naive_layer_evals})"
+            + (f" + {pf.delta_layer_evals} for the delta probe (reference: {self.reference})" if delta else "")
+            + f"; probe scan {pf.seconds:.1f} s + {pm.seconds:.1f} s",
             f"  imp = sum over sets of I_p(l); B adv = mean over the mother's sets of I_B - I_A; "
-            f"BI = ShortGPT block influence; {self.settings.get('name', '')}: blend={self.settings.get('blend')}, "
-            f"probe_terms={self.settings.get('probe_terms')}, sharpen={self.settings.get('sharpen')}",
+            f"BI = ShortGPT block influence"
+            + ("; D A / D B = delta probe of the father on his sets / the mother on hers" if delta else "")
+            + f"; {self.settings.get('name', '')}: blend={self.settings.get('blend')}, "
+            f"probe_terms={pr.settings.get('probe_terms_used', self.settings.get('probe_terms'))}, "
+            f"sharpen={self.settings.get('sharpen')}",
             head,
         ]
         for l in range(L):
             b_adv = -sum(adv[p][l] for p in m_sets) / max(1, len(m_sets))
             c = counts[l]
             mix = f"{c[FATHER]}/{c[MERGE]}/{c[MOTHER]}"
-            row = f"{l:>5} {tf[l]:>7.4f} {tm[l]:>7.4f} {b_adv:>+7.4f} {bif[l]:>6.3f} {pr.per_layer[l]:>6.3f} {mix:>9}"
+            row = f"{l:>5} {tf[l]:>7.4f} {tm[l]:>7.4f} {b_adv:>+7.4f} {bif[l]:>6.3f}"
+            if delta:
+                da = sum(pf.delta[p][l] for p in f_sets) / max(1, len(f_sets))
+                db = sum(pm.delta[p][l] for p in m_sets) / max(1, len(m_sets))
+                row += f" {da:>7.4f} {db:>7.4f}"
+            row += f" {pr.per_layer[l]:>6.3f} {mix:>9}"
             if moe:
                 fa, mo = moe.get("father", {}).get(l), moe.get("mother", {}).get(l)
                 row += " " + " ".join(
@@ -276,14 +302,21 @@ def _probes_record(cfg: ProbesConfig) -> dict:
 
 def scan_settings(cfg: MriConfig) -> dict:
     """The MRI settings that change a scan (and so are part of the cache key)."""
-    keys = ("hist_bins", "probe_reduce", "moe", "moe_dead_rule", "moe_dead_threshold", "moe_dead_abs_threshold",
-            "moe_calibration", "dtype")
+    keys = ("hist_bins", "probe_reduce", "delta_probe", "moe", "moe_dead_rule", "moe_dead_threshold",
+            "moe_dead_abs_threshold", "moe_calibration", "dtype")
     return {k: getattr(cfg, k) for k in keys}
 
 
-def cache_key(fp_father: str, fp_mother: str, probes: ProbesConfig, prompts: Mapping[str, list[str]], cfg: MriConfig) -> str:
-    """sha256 (24 hex) of both fingerprints, the probe sets (sources and sizes, not weights), the
-    prompts' text and the scan settings."""
+def cache_key(
+    fp_father: str,
+    fp_mother: str,
+    probes: ProbesConfig,
+    prompts: Mapping[str, list[str]],
+    cfg: MriConfig,
+    fp_base: str | None = None,
+) -> str:
+    """sha256 (24 hex) of the parents' (and the delta probe's base's) fingerprints, the probe sets
+    (sources and sizes, not weights), the prompts' text and the scan settings."""
     rec = _probes_record(probes)
     for s in rec["sets"].values():
         s.pop("weight")  # weights only enter the prescription
@@ -292,6 +325,7 @@ def cache_key(fp_father: str, fp_mother: str, probes: ProbesConfig, prompts: Map
             "format": CACHE_FORMAT,
             "father": fp_father,
             "mother": fp_mother,
+            "base": fp_base,
             "probes": rec,
             "prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
             "mri": scan_settings(cfg),
@@ -314,25 +348,46 @@ def calibration_prompts(prompts: Mapping[str, list[str]], n: int) -> list[str]:
     return out
 
 
-def _scan_parent(path, tokenizer, prompts, probes: ProbesConfig, cfg: MriConfig, role: str):
-    log.info("MRI: probe scan of the %s (%s)", role, path)
-    model = load_model(path, cfg.dtype, cfg.device)
-    try:
-        probe = layer_importance(
-            model, tokenizer, prompts, probes.max_length, probes.batch_size, cfg.probe_reduce, cfg.progress
+def _scan_parent(model, reference, tokenizer, prompts, probes: ProbesConfig, cfg: MriConfig, role: str):
+    log.info("MRI: probe scan of the %s%s", role, " (with the delta probe)" if reference is not None else "")
+    probe = layer_importance(
+        model, tokenizer, prompts, probes.max_length, probes.batch_size, cfg.probe_reduce, cfg.progress,
+        reference=reference,
+    )
+    SCANS_RUN["probe"] += 1
+    moe = None
+    if cfg.moe and is_moe(model.config):
+        moe = moe_scan(
+            model, tokenizer, calibration_prompts(prompts, cfg.moe_calibration), probes.max_length,
+            probes.batch_size, cfg.moe_dead_rule, cfg.moe_dead_threshold, cfg.moe_dead_abs_threshold,
+            progress=cfg.progress,
         )
-        SCANS_RUN["probe"] += 1
-        moe = None
-        if cfg.moe and is_moe(model.config):
-            moe = moe_scan(
-                model, tokenizer, calibration_prompts(prompts, cfg.moe_calibration), probes.max_length,
-                probes.batch_size, cfg.moe_dead_rule, cfg.moe_dead_threshold, cfg.moe_dead_abs_threshold,
-                progress=cfg.progress,
-            )
-            SCANS_RUN["moe"] += 1
-    finally:
-        del model
+        SCANS_RUN["moe"] += 1
     return probe, moe
+
+
+def _probe_both(father: Path, mother: Path, base: Path | None, tokenizer, prompts, probes, cfg: MriConfig):
+    """Probe (and MoE) scans of both parents. The delta probe's reference is the base when given, else
+    the other parent; without the delta probe one model is in memory at a time, with it two."""
+    load = lambda p: load_model(p, cfg.dtype, cfg.device)  # noqa: E731
+    if not cfg.delta_probe:
+        out = []
+        for role, path in (("father", father), ("mother", mother)):
+            model = load(path)
+            out.append(_scan_parent(model, None, tokenizer, prompts, probes, cfg, role))
+            del model
+        return out
+    if base is not None:
+        ref = load(base)
+        out = []
+        for role, path in (("father", father), ("mother", mother)):
+            model = load(path)
+            out.append(_scan_parent(model, ref, tokenizer, prompts, probes, cfg, role))
+            del model
+        return out
+    a, b = load(father), load(mother)
+    return [_scan_parent(a, b, tokenizer, prompts, probes, cfg, "father"),
+            _scan_parent(b, a, tokenizer, prompts, probes, cfg, "mother")]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -351,6 +406,7 @@ def run_scan(
     cache_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     mother_sets: list[str] | None = None,
+    base_path: str | Path | None = None,
 ) -> MriResult:
     """Model MRI of a parent pair: static scan (streamed), probe scan and MoE scan of each parent,
     the prescription r_mri, ``scan.json`` and charts in ``out_dir``.
@@ -360,20 +416,27 @@ def run_scan(
     scans are cached (None: no cache); with ``mri.cache`` on, a second call with the same parents,
     prompts and scan settings reads the cache and scans nothing. ``mother_sets``: the probe sets the
     mother is known to be better at (e.g. ``[parents.mother_skill]``); overrides ``mri.mother_sets``;
-    None = that setting, else inferred from the scan.
+    None = that setting, else inferred from the scan. ``base_path``: the checkpoint both parents
+    descend from (``parents.base``); the delta probe's reference (without it, each parent's reference
+    is the other parent).
     """
     probes = probes_config(probes_cfg)
     cfg = mri_config(mri_cfg)
     father = Path(resolve(str(father_path)) if resolve else father_path)
     mother = Path(resolve(str(mother_path)) if resolve else mother_path)
-    for role, p in (("father", father), ("mother", mother)):
-        if not p.is_dir():
+    base = None
+    if base_path is not None:
+        base = Path(resolve(str(base_path)) if resolve else base_path)
+    for role, p in (("father", father), ("mother", mother), ("base", base)):
+        if p is not None and not p.is_dir():
             raise FileNotFoundError(f"MRI: the {role} checkpoint {p} is not a directory")
     prompts = load_probe_prompts(probes, resolve)
     weights = {k: v.weight for k, v in probes.sets.items()}
     r_father, r_mother = open_reader(father), open_reader(mother)
     fps = {"father": r_father.fingerprint(), "mother": r_mother.fingerprint()}
-    key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg)
+    if base is not None and cfg.delta_probe:
+        fps["base"] = open_reader(base).fingerprint()
+    key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg, fps.get("base"))
     cache_file = Path(cache_dir).expanduser() / f"mri-{key}.json" if cache_dir is not None else None
 
     scans = None
@@ -389,8 +452,7 @@ def run_scan(
         static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress, device=cfg.device)
         SCANS_RUN["static"] += 1
         tokenizer = load_tokenizer(father, mother)
-        probe_f, moe_f = _scan_parent(father, tokenizer, prompts, probes, cfg, "father")
-        probe_m, moe_m = _scan_parent(mother, tokenizer, prompts, probes, cfg, "mother")
+        (probe_f, moe_f), (probe_m, moe_m) = _probe_both(father, mother, base, tokenizer, prompts, probes, cfg)
         scans = {
             "format": CACHE_FORMAT,
             "seconds": time.perf_counter() - start,
@@ -422,6 +484,7 @@ def run_scan(
         prescription=prescription,
         cache_key=key,
         from_cache=from_cache,
+        reference=("base" if base is not None else "other parent") if cfg.delta_probe else "",
         scan_seconds=float(scans.get("seconds", 0.0)),
     )
     if out_dir is not None:
@@ -441,6 +504,10 @@ def write_outputs(result: MriResult, out_dir: Path) -> None:
         "advantage": charts.advantage_map(result.probe_father, result.probe_mother, out_dir / "mri_advantage.png"),
         "ratio": charts.prescribed_ratio(result.prescription, *cfg_t, out_dir / "mri_ratio.png"),
     }
+    if result.probe_father.delta is not None and result.probe_mother.delta is not None:
+        paths["delta"] = charts.delta_heatmaps(
+            result.probe_father, result.probe_mother, result.reference or "reference", out_dir / "mri_delta.png"
+        )
     if result.moe_father is not None:
         paths["experts"] = charts.expert_utilisation(result.moe_father, result.moe_mother, out_dir / "mri_experts.png")
     result.chart_paths = paths
