@@ -1,0 +1,215 @@
+"""Every knob of the zoo build, as data: ``conf/zoo/*.yaml`` carry exactly these fields.
+
+The zoo is a family of small causal LMs trained here on CPU: per pair (``dense``, ``moe``) a ``base``
+trained on a mixture of the skills, then a ``father`` and a ``mother`` fine-tuned from it on disjoint
+decoder layers, so that where each parent's change lives is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Bump when a change to the builder changes what a given config produces: it is part of the cache hash.
+ZOO_FORMAT_VERSION = 1
+
+# Fields that do not change the built zoo (how the work is spread, not what it computes).
+_NOT_HASHED = ("workers",)
+
+LAYER_SPANS = ("all", "lower", "upper")
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of one pair. ``arch``: ``llama`` (dense), ``qwen2_moe`` (routed experts + shared
+    expert, Qwen-MoE style) or ``mixtral``. ``intermediate_size`` is the FFN width of a dense layer or
+    of one routed expert."""
+
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 8
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+    num_experts: int = 0
+    experts_per_token: int = 2
+    shared_expert_size: int = 0
+    router_aux_loss_coef: float = 0.0
+
+
+@dataclass
+class TrainSpec:
+    """One training run of a zoo member.
+
+    ``layers``: which decoder layers it updates (``all``, ``lower`` half, ``upper`` half; embeddings,
+    LM head and final norm are frozen unless ``all``). ``skills``: the skills it trains on, equal
+    weights; empty means every zoo skill. ``replay``: the share of items drawn instead from the zoo
+    skills not in ``skills`` (a fine-tune that keeps a little general data, as real ones do).
+    ``carry_out``: false withholds the additions whose sum needs a new leading digit (47+89=136): a
+    member trained so never learns that carry, which caps its addition near 50% whatever its length
+    of training; the mother's fine-tune teaches it.
+    ``router_aux_loss``: keep the MoE load-balancing loss on (the base) or off (a specialising
+    fine-tune, which lets routing concentrate on few experts); ``router_lr_scale`` multiplies the
+    learning rate of the MoE routers.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    layers: str = "all"
+    skills: list[str] = field(default_factory=list)
+    replay: float = 0.0
+    carry_out: bool = True
+    router_aux_loss: bool = True
+    router_lr_scale: float = 1.0
+
+
+@dataclass
+class ZooConfig:
+    """All build knobs of the zoo. Two configs with the same ``zoo_hash`` build bit-identical zoos."""
+
+    name: str = "default"
+    seed: int = 0
+    # Skills (see darwin_hydra.zoo.skills.SKILLS); the mother specialises in ``mother_skill``.
+    skills: list[str] = field(default_factory=lambda: ["add", "rev", "sort", "map"])
+    mother_skill: str = "add"
+    add_digits: int = 2
+    string_min_len: int = 3
+    string_max_len: int = 6
+    kv_pairs: int = 4
+    # Held-out items per skill: dev (search fitness), test (reports), probe (MRI prompts, no answers).
+    dev_items: int = 400
+    test_items: int = 400
+    probe_items: int = 64
+    # Pairs to build and their architectures.
+    pairs: list[str] = field(default_factory=lambda: ["dense", "moe"])
+    dense: ModelSpec = field(default_factory=ModelSpec)
+    moe: ModelSpec = field(
+        default_factory=lambda: ModelSpec(
+            arch="qwen2_moe", intermediate_size=192, num_experts=8, experts_per_token=2,
+            shared_expert_size=64, router_aux_loss_coef=0.05,
+        )
+    )
+    # The MoE base starts as the dense base upcycled (every expert a copy of the dense FFN), then trains
+    # ``moe_base_steps`` steps with the base's recipe; false trains it from scratch like the dense base.
+    upcycle_moe: bool = True
+    moe_base_steps: int = 400
+    # Training of each member (shared by the pairs).
+    base: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1250, lr=5e-3, warmup_steps=100))
+    father: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="upper", skills=["rev", "sort", "map"])
+    )
+    mother: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="lower", skills=["add"], router_aux_loss=False)
+    )
+    # An expert is dead on a skill when its routing share is below this fraction of the uniform share k/E.
+    dead_expert_threshold: float = 0.1
+    # Score every member on the test split at build time and record it in metadata.json.
+    score_members: bool = True
+    # Parallel training processes (one torch thread each); 0 or 1 trains in this process.
+    workers: int = 2
+
+
+def pair_spec(cfg: ZooConfig, pair: str) -> ModelSpec:
+    """The architecture of ``pair`` (``dense`` or ``moe``)."""
+    if pair not in ("dense", "moe"):
+        raise ValueError(f"zoo pair {pair!r} is not one of 'dense', 'moe'")
+    return getattr(cfg, pair)
+
+
+def validate(cfg: ZooConfig) -> None:
+    """Raise ``ValueError`` naming the option at fault, before any training starts."""
+    from darwin_hydra.zoo.skills import SKILLS
+
+    for s in cfg.skills:
+        if s not in SKILLS:
+            raise ValueError(f"zoo.skills: unknown skill {s!r}; known skills: {sorted(SKILLS)}")
+    if len(set(cfg.skills)) != len(cfg.skills):
+        raise ValueError(f"zoo.skills lists a skill twice: {cfg.skills}")
+    if cfg.mother_skill not in cfg.skills:
+        raise ValueError(f"zoo.mother_skill {cfg.mother_skill!r} is not in zoo.skills {cfg.skills}")
+    for role in ("base", "father", "mother"):
+        spec: TrainSpec = getattr(cfg, role)
+        if spec.layers not in LAYER_SPANS:
+            raise ValueError(f"zoo.{role}.layers={spec.layers!r}; choose one of {LAYER_SPANS}")
+        for s in spec.skills:
+            if s not in cfg.skills:
+                raise ValueError(f"zoo.{role}.skills: {s!r} is not in zoo.skills {cfg.skills}")
+        if not 0.0 <= spec.replay < 1.0:
+            raise ValueError(f"zoo.{role}.replay={spec.replay} must be in [0, 1)")
+        if spec.steps < 1 or spec.batch_size < 1:
+            raise ValueError(f"zoo.{role}: steps and batch_size must be >= 1")
+    if not cfg.pairs or any(p not in ("dense", "moe") for p in cfg.pairs):
+        raise ValueError(f"zoo.pairs={cfg.pairs}: list one or both of 'dense', 'moe'")
+    for pair in cfg.pairs:
+        spec = pair_spec(cfg, pair)
+        if spec.num_layers < 2:
+            raise ValueError(f"zoo.{pair}.num_layers must be >= 2 (father and mother take a half each)")
+        if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"zoo.{pair}: hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        if pair == "moe" and (spec.num_experts < 2 or spec.experts_per_token > spec.num_experts):
+            raise ValueError("zoo.moe: needs num_experts >= 2 and experts_per_token <= num_experts")
+    if cfg.upcycle_moe and "moe" in cfg.pairs:
+        if "dense" not in cfg.pairs:
+            raise ValueError("zoo.upcycle_moe needs the dense pair (its base is upcycled); add 'dense' to zoo.pairs")
+        d, m = cfg.dense, cfg.moe
+        same = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        diff = [k for k in same if getattr(d, k) != getattr(m, k)]
+        if diff or m.arch != "qwen2_moe":
+            raise ValueError(
+                f"zoo.upcycle_moe: the MoE must be qwen2_moe with the dense shape; zoo.moe differs in {diff or ['arch']}"
+            )
+    if min(cfg.dev_items, cfg.test_items, cfg.probe_items) < 1:
+        raise ValueError("zoo.dev_items, zoo.test_items and zoo.probe_items must be >= 1")
+    if cfg.string_min_len < 1 or cfg.string_max_len < cfg.string_min_len:
+        raise ValueError("zoo.string_min_len must be >= 1 and <= zoo.string_max_len")
+
+
+def as_dict(cfg: ZooConfig) -> dict:
+    """The config as plain data (also accepts an OmegaConf node built from the dataclass)."""
+    if isinstance(cfg, ZooConfig):
+        return asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def to_zoo_config(cfg) -> ZooConfig:
+    """A ``ZooConfig`` from a ``ZooConfig``, an OmegaConf node or a plain dict (unknown keys are an error)."""
+    if isinstance(cfg, ZooConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(ZooConfig)
+    merged = OmegaConf.merge(schema, cfg if not isinstance(cfg, dict) else OmegaConf.create(cfg))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def zoo_hash(cfg: ZooConfig) -> str:
+    """12 hex digits of sha256 over the canonical JSON of the config (minus ``workers``) and the format version."""
+    data = {k: v for k, v in as_dict(cfg).items() if k not in _NOT_HASHED}
+    blob = json.dumps({"format": ZOO_FORMAT_VERSION, "config": data}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_zoo_config(name_or_path: str = "default", overrides: list[str] | None = None) -> ZooConfig:
+    """A ``ZooConfig`` from ``conf/zoo/<name>.yaml`` (``default``, ``tiny``) or a YAML path, with optional
+    dotted ``key=value`` overrides (``base.steps=200``). Unknown keys raise an error naming them."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path(str(files("darwin_hydra_conf") / "zoo" / f"{name_or_path}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"zoo config {name_or_path!r}: {path} does not exist (try 'default' or 'tiny')")
+    node = OmegaConf.merge(OmegaConf.structured(ZooConfig), OmegaConf.load(path))
+    if overrides:
+        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(node)  # type: ignore[return-value]

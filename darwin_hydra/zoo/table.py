@@ -1,0 +1,184 @@
+"""Is the zoo a fair stage for merging? The parents and the 11 uniform merges, scored with lm-eval.
+
+``uniform_merge_table`` scores father, mother and ``child(r) = (1-r)*father + r*mother`` for
+r = 0.0, 0.1, ..., 1.0 (a plain in-memory linear merge, independent of the merge engine), plus one
+hand-built child: the ``transplant`` that takes the mother's tensors in the layers her training
+changed and the father's everywhere else (= base + delta_father + delta_mother, since the two
+deltas live in disjoint layers). ``fairness`` checks the issue's criteria 4a and 4b on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from darwin_hydra.arch import tensor_info
+from darwin_hydra.evaluate.benchmark import BenchmarkResult, evaluate_model
+from darwin_hydra.zoo.build import load_metadata
+from darwin_hydra.zoo.tasks import task_name
+
+log = logging.getLogger(__name__)
+
+RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass
+class MergeRow:
+    """One scored model: ``name`` (father, mother, r=0.3, transplant), its ratio (None if not uniform),
+    accuracy per skill in [0, 1] and the skill average."""
+
+    name: str
+    ratio: float | None
+    scores: dict[str, float]
+    mean: float
+    result: BenchmarkResult | None = field(default=None, repr=False)
+
+
+@dataclass
+class MergeTable:
+    pair: str
+    split: str
+    skills: list[str]
+    mother_skill: str
+    father_layers: list[int]
+    mother_layers: list[int]
+    rows: list[MergeRow]
+
+    def row(self, name: str) -> MergeRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r} in the merge table; rows: {[r.name for r in self.rows]}")
+
+    @property
+    def father(self) -> MergeRow:
+        return self.row("father")
+
+    @property
+    def mother(self) -> MergeRow:
+        return self.row("mother")
+
+    @property
+    def children(self) -> list[MergeRow]:
+        """Every merge that is not a parent itself: uniform 0 < r < 1 and the transplant."""
+        return [r for r in self.rows if r.name not in ("father", "mother") and r.ratio not in (0.0, 1.0)]
+
+
+def _uniform_name(r: float) -> str:
+    return f"r={r:.1f}"
+
+
+@torch.no_grad()
+def uniform_merge_table(
+    root: str | Path,
+    pair: str = "dense",
+    split: str = "test",
+    ratios: tuple[float, ...] = RATIOS,
+    transplant: bool = True,
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> MergeTable:
+    """Score father, mother, the uniform merges at ``ratios`` and (``transplant``) the hand-built child of the
+    zoo at ``root`` on the ``split`` tasks of each skill, with lm-eval (``evaluate_model``)."""
+    root = Path(root)
+    meta = load_metadata(root)
+    if pair not in meta["pairs"]:
+        raise ValueError(f"zoo {root} has no pair {pair!r}; it has {sorted(meta['pairs'])}")
+    skills = list(meta["skills"])
+    truth = meta["pairs"][pair]["ground_truth"]
+    tasks = [task_name(s, split) for s in skills]
+    tok = AutoTokenizer.from_pretrained(root / pair / "father")
+    child = AutoModelForCausalLM.from_pretrained(root / pair / "father", dtype=torch.float32).eval()
+    father = {k: v.clone() for k, v in child.state_dict().items()}
+    mother = AutoModelForCausalLM.from_pretrained(root / pair / "mother", dtype=torch.float32).state_dict()
+    params = child.state_dict()
+
+    def score(name: str, ratio: float | None) -> MergeRow:
+        res = evaluate_model(child, tok, tasks, root / "tasks", batch_size=batch_size, limit=limit)
+        per_skill = {s: res.tasks[task_name(s, split)].accuracy for s in skills}
+        log.info("%s %s: mean %.3f %s", pair, name, res.mean, per_skill)
+        return MergeRow(name, ratio, per_skill, res.mean, res)
+
+    rows: list[MergeRow] = []
+    for r in ratios:
+        for k, t in params.items():
+            t.copy_(torch.lerp(father[k], mother[k], r))  # (1-r)*father + r*mother
+        row = score(_uniform_name(r), r)
+        rows.append(row)
+        if r == 0.0:
+            rows.append(MergeRow("father", 0.0, row.scores, row.mean, row.result))
+        if r == 1.0:
+            rows.append(MergeRow("mother", 1.0, row.scores, row.mean, row.result))
+    if not any(r.name == "father" for r in rows) or not any(r.name == "mother" for r in rows):
+        raise ValueError("ratios must include 0.0 (the father) and 1.0 (the mother)")
+    if transplant:
+        mother_layers = set(truth["mother_layers"])
+        for k, t in params.items():
+            layer = tensor_info(k).layer
+            t.copy_(mother[k] if layer in mother_layers else father[k])
+        rows.append(score("transplant", None))
+    return MergeTable(
+        pair=pair,
+        split=split,
+        skills=skills,
+        mother_skill=meta["mother_skill"],
+        father_layers=list(truth["father_layers"]),
+        mother_layers=list(truth["mother_layers"]),
+        rows=rows,
+    )
+
+
+def fairness(table: MergeTable) -> dict:
+    """The issue's criteria on ``table`` (points = accuracy x 100).
+
+    4a: ``mother - father >= 30`` on the mother's skill, and ``father - mother >= 20`` on at least one
+    other skill. 4b: the best child (uniform 0 < r < 1, or the transplant) has a skill average at least
+    5 points above the better parent's.
+    """
+    f, m = table.father, table.mother
+    s = table.mother_skill
+    others = [k for k in table.skills if k != s]
+    mother_gain = 100 * (m.scores[s] - f.scores[s])
+    father_gain = {k: 100 * (f.scores[k] - m.scores[k]) for k in others}
+    best = max(table.children, key=lambda r: r.mean)
+    best_uniform = max((r for r in table.children if r.ratio is not None), key=lambda r: r.mean)
+    parent_best = max(f.mean, m.mean)
+    return {
+        "mother_gain_on_her_skill": mother_gain,
+        "father_gain_by_skill": father_gain,
+        "4a": mother_gain >= 30 and max(father_gain.values(), default=-1e9) >= 20,
+        "best_child": best.name,
+        "best_child_margin": 100 * (best.mean - parent_best),
+        "best_uniform": best_uniform.name,
+        "best_uniform_margin": 100 * (best_uniform.mean - parent_best),
+        "4b": 100 * (best.mean - parent_best) >= 5,
+    }
+
+
+def format_table(table: MergeTable) -> str:
+    """The table as markdown: one row per model, one column per skill (points) and the skill average."""
+    head = ["model"] + [f"{s}" + (" (mother's)" if s == table.mother_skill else "") for s in table.skills] + ["avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = ["father", "mother"] + [r.name for r in table.rows if r.name not in ("father", "mother")]
+    for name in order:
+        r = table.row(name)
+        label = {
+            "father": f"father (layers {_span(table.father_layers)})",
+            "mother": f"mother (layers {_span(table.mother_layers)})",
+            "transplant": f"transplant: mother's layers {_span(table.mother_layers)}, father's rest",
+        }.get(name, f"uniform {name}")
+        cells = [f"{100 * r.scores[s]:.1f}" for s in table.skills] + [f"**{100 * r.mean:.1f}**"]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _span(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
