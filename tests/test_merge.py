@@ -1,13 +1,23 @@
-"""Merge methods on hand tensors, recipes, determinism, faults, and the two engine modes."""
+"""Merge engine: formulas on hand tensors, exact ranks, seeded masks, determinism (chunking, worker
+count, tensor order, thread count), faults, the ratio map, and the export / in-memory modes."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from darwin_hydra.merge.engine import InMemoryMerger, NonFiniteTensorError, merge_tensor, merge_to_disk
-from darwin_hydra.merge.methods import breadcrumbs_mask, combine, dare, della_drop, model_stock, slerp, trim
+from darwin_hydra.merge import methods as M
+from darwin_hydra.merge.config import METHODS, MergeConfig
+from darwin_hydra.merge.engine import InMemoryMerger, merge_named, merge_to_disk
+from darwin_hydra.merge.masks import dare_mask, father_bits, mother_bits, uniform_bits
+from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor
 from darwin_hydra.merge.recipe import RatioMap, TensorRecipe, plain_ratio_map, tensor_seed
+from darwin_hydra.merge.select import RankSelector, sample_positions
 
 g = torch.Generator().manual_seed(0)
 A = torch.randn(64, 32, generator=g)
@@ -15,111 +25,216 @@ B = A + 0.1 * torch.randn(64, 32, generator=g)
 BASE = A - 0.1 * torch.randn(64, 32, generator=g)
 
 
-def gen(seed=1):
-    return torch.Generator().manual_seed(seed)
+def merge(method, a=A, b=B, base=BASE, seed=1, **kw):
+    kw.setdefault("ratio", 0.3)
+    return merge_tensor(a, b, base, TensorRecipe(method=method, **kw), seed)
+
+
+def ref_top_k(d, density):
+    """TRIM by definition: the k largest |d|, ties broken by flat index (later ranks higher)."""
+    n = d.numel()
+    k = max(1, int(density * n))
+    order = torch.sort(d.abs().flatten(), stable=True).indices
+    keep = torch.zeros(n)
+    keep[order[n - k :]] = 1
+    return d * keep.view_as(d)
+
+
+def bf16_parents(shape=(700, 1000), seed=0):
+    """Parents like real fine-tunes of a bf16 model: deltas take few distinct values (many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+    fa = (base.float() + 2e-4 * torch.randn(shape, generator=gen)).bfloat16()
+    mo = (base.float() + 2e-4 * torch.randn(shape, generator=gen)).bfloat16()
+    return fa, mo, base
+
+
+# ---- formulas ------------------------------------------------------------------------------------
 
 
 def test_linear_and_task_arithmetic_formulas():
-    assert torch.allclose(combine("linear", A, B, None, 0.3), 0.7 * A + 0.3 * B)
-    ta = combine("task_arithmetic", A, B, BASE, 0.3, scale=2.0)
+    assert torch.allclose(merge("linear"), 0.7 * A + 0.3 * B, atol=1e-6)
+    ta = merge("task_arithmetic", scale=2.0)
     assert torch.allclose(ta, BASE + 2.0 * (0.7 * (A - BASE) + 0.3 * (B - BASE)), atol=1e-6)
 
 
-def test_ties_without_base_is_father_plus_r_times_mother_delta():
-    # with the father as base, dA = 0: every entry of dB agrees with the elected sign
-    out = combine("ties", A, B, None, 0.4)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_ties_family_without_base_is_father_plus_r_times_mother_delta(method):
+    # no base: dA = 0, so every entry of dB agrees with the elected sign (V5: child = A + r DARE(B - A))
+    out = merge(method, base=None, ratio=0.4)
     assert torch.allclose(out, A + 0.4 * (B - A), atol=1e-6)
 
 
-def test_ties_sign_election_drops_disagreeing_entries():
-    base = torch.zeros(4)
-    a = torch.tensor([1.0, 1.0, -1.0, 2.0])
-    b = torch.tensor([1.0, -3.0, -1.0, -1.0])
-    out = combine("ties", a, b, base, 0.5)
-    # signs of 0.5a+0.5b: +, -, -, + -> entry 1 keeps only b, entry 3 keeps only a
-    assert torch.allclose(out, torch.tensor([1.0, -1.5, -1.0, 1.0]))
+def test_ties_sign_election_drops_disagreeing_entries_and_elects_plus_at_zero():
+    base = torch.zeros(5)
+    a = torch.tensor([1.0, 1.0, -1.0, 2.0, 1.0])
+    b = torch.tensor([1.0, -3.0, -1.0, -1.0, -1.0])
+    out = merge_tensor(a, b, base, TensorRecipe(method="ties", ratio=0.5), 0)
+    # 0.5a + 0.5b: +, -, -, +, 0 -> entry 1 keeps b, entry 3 keeps a, entry 4 (a tie) elects + as mergekit
+    assert torch.equal(out, torch.tensor([1.0, -1.5, -1.0, 1.0, 0.5]))
 
 
-def test_dare_drops_and_rescales_and_is_seeded():
-    d = torch.ones(10000)
-    out = dare(d, 0.3, gen(5))
+def test_trim_keeps_exactly_the_top_share_ties_by_position():
+    d = torch.tensor([0.1, -5.0, 0.3, 4.0, -0.2, 1.0])
+    out = merge_tensor(torch.zeros(6), d, torch.zeros(6), TensorRecipe(method="ties", ratio=1.0, density_b=0.5), 0)
+    assert torch.equal(out, torch.tensor([0.0, -5.0, 0.0, 4.0, 0.0, 1.0]))
+    tied = torch.tensor([1.0, -1.0, 1.0, 1.0, 0.5, 2.0])  # keep 3: 2.0 and the last two of the tied 1.0s
+    out = merge_tensor(torch.zeros(6), tied, torch.zeros(6), TensorRecipe(method="ties", ratio=1.0, density_b=0.5), 0)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 0.9])
+def test_trim_on_bf16_deltas_keeps_exactly_k_through_the_sampled_selection(density, monkeypatch):
+    fa, mo, base = bf16_parents()  # 700k entries: past the gather-all size, median |d| shared by ~20%
+    rec = TensorRecipe(method="ties", ratio=1.0, density_b=density)
+    out = merge_tensor(fa, mo, base, rec, 0, out_dtype=torch.float32)
+    expected = base.float() + ref_top_k(mo.float() - base.float(), density)
+    assert torch.equal(out, expected)
+    monkeypatch.setattr(M, "CHUNK_CPU", 1000)  # chunking changes nothing
+    assert torch.equal(merge_tensor(fa, mo, base, rec, 0, out_dtype=torch.float32), out)
+
+
+def test_rank_selector_is_exact_with_ties_and_when_the_sample_misleads():
+    n = 600_000
+    v = torch.randint(0, 50, (n,)).float()
+    v[: n // 2] = torch.rand(n // 2)  # half continuous, half heavily tied
+    ks = [1, 7, n // 3, n // 2, n - 5, n]
+    for sample in (v[sample_positions(n)], torch.zeros(65536)):  # a true sample, a lying one
+        sel = RankSelector(n, ks, sample)
+        for s in range(0, n, 100_000):
+            sel.update(v[s : s + 100_000])
+        res = sel.result()
+        if res is None:
+            for s in range(0, n, 100_000):
+                sel.update_full(v[s : s + 100_000])
+            res = sel.result_full()
+        srt = v.sort().values
+        assert [r[0] for r in res] == [float(srt[k - 1]) for k in ks]
+        assert [r[1] for r in res] == [int((v < srt[k - 1]).sum()) for k in ks]
+
+
+def test_dare_drops_with_probability_one_minus_density_and_rescales():
+    base = torch.zeros(100_000)
+    d = torch.ones(100_000)
+    out = merge_tensor(base, d, base, TensorRecipe(method="dare_linear", ratio=1.0, density_b=0.3), 5)
     kept = out != 0
-    assert abs(kept.float().mean().item() - 0.3) < 0.03
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))
-    assert torch.equal(out, dare(d, 0.3, gen(5)))
-    assert dare(d, 1.0, gen(5)) is d
+    again = merge_tensor(base, d, base, TensorRecipe(method="dare_linear", ratio=1.0, density_b=0.3), 5)
+    other = merge_tensor(base, d, base, TensorRecipe(method="dare_linear", ratio=1.0, density_b=0.3), 6)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # density 1 is task arithmetic
+    assert torch.equal(merge("dare_linear", density_a=1.0, density_b=1.0), merge("task_arithmetic"))
 
 
 def test_dare_ties_v5_rule_without_base():
-    # child = A + r * DARE(B - A) when there is no base
-    out = combine("dare_ties", A, B, None, 0.6, density_b=0.5, gen=gen(3))
-    expected = A + 0.6 * dare(B - A, 0.5, gen(3))
-    assert torch.allclose(out, expected, atol=1e-6)
+    # child = A + r * DARE(B - A): kept entries move by r (B - A) / p, dropped ones stay the father's
+    out = merge("dare_ties", base=None, ratio=0.6, density_b=0.5, seed=3)
+    moved = out != A
+    assert 0.4 < moved.float().mean() < 0.6
+    assert torch.allclose(out[moved], (A + 0.6 * (B - A) / 0.5)[moved], atol=1e-6)
 
 
-def test_trim_keeps_the_largest_share():
-    d = torch.tensor([0.1, -5.0, 0.3, 4.0, -0.2, 1.0])
-    assert torch.equal(trim(d, 0.5), torch.tensor([0.0, -5.0, 0.0, 4.0, 0.0, 1.0]))
+def test_masks_are_a_function_of_seed_and_index():
+    full = uniform_bits(99, 0, 300_000)
+    assert torch.equal(uniform_bits(99, 123_457, 50_000), full[123_457:173_457])  # any chunk, any order
+    assert not torch.equal(uniform_bits(98, 0, 300_000), full)
+    fb, mb = father_bits(full).float(), mother_bits(full).float()
+    assert fb.min() >= 0 and fb.max() <= 65535 and mb.min() >= 0 and mb.max() <= 65535
+    assert abs(fb.mean() / 65535 - 0.5) < 0.01 and abs(mb.mean() / 65535 - 0.5) < 0.01
+    assert abs(torch.corrcoef(torch.stack([fb, mb]))[0, 1]) < 0.01  # father's and mother's masks independent
+    for q in (1, 20_000, 65_535):
+        assert torch.equal(dare_mask(full, True, q), (father_bits(full) < q).float())
+        assert torch.equal(dare_mask(full, False, q), (mother_bits(full) < q).float())
 
 
 def test_breadcrumbs_drops_both_tails():
     d = torch.arange(1, 101, dtype=torch.float32)
-    out = breadcrumbs_mask(d, density=0.5, gamma=0.1)
+    z = torch.zeros(100)
+    out = merge_tensor(z, d, z, TensorRecipe(method="breadcrumbs", ratio=1.0, density_b=0.5, gamma=0.1), 0)
     kept = d[out != 0]
     assert kept.numel() == 50 and kept.min() == 41 and kept.max() == 90
 
 
-def test_della_keeps_large_entries_more_often():
-    d = torch.linspace(0.01, 1.0, 20000)
-    out = della_drop(d, 0.5, 0.4, gen(2))
+def test_della_keeps_large_entries_more_often_and_rescales_by_keep_probability():
+    z = torch.zeros(20_000)
+    d = torch.linspace(0.01, 1.0, 20_000)  # a 1-D tensor is one row: rank over the whole tensor
+    out = merge_tensor(z, d, z, TensorRecipe(method="della_linear", ratio=1.0, density_b=0.5, epsilon=0.2), 2)
     kept = (out != 0).float()
     assert kept[:5000].mean() < 0.4 < 0.6 < kept[-5000:].mean()
+    p = 0.3 + 0.4 * torch.arange(20_000) / 19_999
+    assert torch.allclose(out[out != 0], (d / p)[out != 0], rtol=1e-5)
 
 
-def test_slerp_endpoints_and_parallel_fallback():
-    assert torch.allclose(slerp(A, B, 0.0), A, atol=1e-5) and torch.allclose(slerp(A, B, 1.0), B, atol=1e-5)
-    assert torch.allclose(slerp(A, 2 * A, 0.5), 1.5 * A)  # parallel: linear
-    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    mid = slerp(x, y, 0.5)
-    assert torch.allclose(mid, torch.tensor([0.5**0.5, 0.5**0.5]))
+def test_slerp_per_row_endpoints_and_parallel_fallback():
+    assert torch.allclose(merge("slerp", ratio=0.0), A, atol=1e-5)
+    assert torch.allclose(merge("slerp", ratio=1.0), B, atol=1e-5)
+    assert torch.allclose(merge("slerp", b=2 * A, ratio=0.5), 1.5 * A, atol=1e-6)  # parallel rows: linear
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[0.0, 1.0], [2.0, 0.0]])  # row 0 orthogonal, row 1 parallel
+    out = merge_tensor(x, y, None, TensorRecipe(method="slerp", ratio=0.5), 0)
+    assert torch.allclose(out, torch.tensor([[0.5**0.5, 0.5**0.5], [1.5, 0.0]]))
 
 
 def test_model_stock_needs_a_base_and_interpolates():
     with pytest.raises(ValueError, match="base"):
-        combine("model_stock", A, B, None, 0.5)
-    out = model_stock(A, B, BASE)
+        merge("model_stock", base=None)
+    out = merge("model_stock")
     da, db = A - BASE, B - BASE
     cos = (da * db).sum() / (da.norm() * db.norm())
     t = 2 * cos / (1 + cos)
     assert torch.allclose(out, t * (A + B) / 2 + (1 - t) * BASE, atol=1e-5)
 
 
+def test_method_weight_blends_with_the_blend_method():
+    r = TensorRecipe(method="ties", ratio=0.5, method_weight=0.25, blend_method="slerp")
+    out = merge_tensor(A, B, BASE, r, 0)
+    expected = 0.25 * merge("ties", ratio=0.5) + 0.75 * merge("slerp", ratio=0.5)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_computes_in_float32_and_returns_the_parent_dtype(method):
+    fa, mo, base = bf16_parents((40, 50))
+    out = merge_tensor(fa, mo, base, TensorRecipe(method=method, ratio=0.3, density_a=0.6, density_b=0.5), 7)
+    assert out.dtype == torch.bfloat16 and out.shape == fa.shape and torch.isfinite(out.float()).all()
+    wide = merge_tensor(fa, mo, base, TensorRecipe(method=method, ratio=0.3, density_a=0.6, density_b=0.5), 7,
+                        out_dtype=torch.float32)
+    assert torch.equal(wide.bfloat16(), out)  # one rounding, at the end
+    assert torch.equal(fa, bf16_parents((40, 50))[0])  # inputs untouched
+
+
 def test_transplant_and_source_return_the_parent_tensor_itself():
-    r = TensorRecipe(ratio=0.05, t_lo=0.15, t_hi=0.85)
-    assert merge_tensor("x", A, B, None, r, "h") is A
-    assert merge_tensor("x", A, B, None, TensorRecipe(ratio=0.9, t_lo=0.15, t_hi=0.85), "h") is B
-    assert merge_tensor("x", A, B, None, TensorRecipe(ratio=0.5, source="mother"), "h") is B
+    assert merge_tensor(A, B, None, TensorRecipe(ratio=0.05, t_lo=0.15, t_hi=0.85), 0) is A
+    assert merge_tensor(A, B, None, TensorRecipe(ratio=0.9, t_lo=0.15, t_hi=0.85), 0) is B
+    assert merge_tensor(A, B, None, TensorRecipe(ratio=0.5, source="mother"), 0) is B
+    assert merge_tensor(A, B, None, TensorRecipe(ratio=0.5, t_lo=0.15, t_hi=0.85), 0) is not A
 
 
 def test_rows_from_copies_router_rows():
     r = TensorRecipe(method="linear", ratio=0.5, rows_from=(("father", (1, 3)),))
-    out = merge_tensor("gate", A, B, None, r, "h")
+    out = merge_tensor(A, B, None, r, 0)
     assert torch.equal(out[1], A[1]) and torch.equal(out[3], A[3])
     assert torch.allclose(out[0], 0.5 * (A[0] + B[0]))
 
 
-def test_method_weight_blends_with_linear():
-    r = TensorRecipe(method="ties", ratio=0.5, method_weight=0.25, blend_method="linear")
-    out = merge_tensor("x", A, B, BASE, r, "h")
-    expected = 0.25 * combine("ties", A, B, BASE, 0.5) + 0.75 * combine("linear", A, B, BASE, 0.5)
-    assert torch.allclose(out, expected, atol=1e-6)
+@pytest.mark.parametrize("role", ["father", "mother", "base"])
+def test_nan_or_inf_in_a_parent_is_reported_by_name(role):
+    bad = {"father": A.clone(), "mother": B.clone(), "base": BASE.clone()}
+    bad[role][3, 4] = float("nan") if role != "base" else float("inf")
+    with pytest.raises(NonFiniteTensorError, match=rf"{role} tensor 'model\.layers\.3\.mlp\.up_proj\.weight'"):
+        merge_named("model.layers.3.mlp.up_proj.weight", bad["father"], bad["mother"], bad["base"],
+                    TensorRecipe(method="dare_ties", density_b=0.5), "h")
 
 
-def test_nan_in_a_parent_is_reported_by_name():
+def test_nan_in_a_transplanted_tensor_is_reported_too():
     bad = B.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(NonFiniteTensorError, match="mother tensor 'model.layers.3.mlp.up_proj.weight'"):
-        merge_tensor("model.layers.3.mlp.up_proj.weight", A, bad, None, TensorRecipe(), "h")
+    bad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteTensorError, match="mother tensor 'w'"):
+        merge_named("w", A, bad, None, TensorRecipe(ratio=0.99, t_hi=0.85), "h")
+
+
+# ---- recipes and config ---------------------------------------------------------------------------
 
 
 def test_seed_depends_on_hash_and_name_only():
@@ -127,17 +242,47 @@ def test_seed_depends_on_hash_and_name_only():
     assert len({tensor_seed("abc", "w"), tensor_seed("abd", "w"), tensor_seed("abc", "v")}) == 3
 
 
-def test_ratio_map_json_round_trip_and_plain_map():
-    from darwin_hydra.merge.config import MergeConfig
+def test_recipe_validation_names_the_option():
+    with pytest.raises(ValueError, match="warp"):
+        TensorRecipe(method="warp")
+    with pytest.raises(ValueError, match="ratio"):
+        TensorRecipe(ratio=1.5)
+    with pytest.raises(ValueError, match="merge.method='tis'"):
+        MergeConfig(method="tis")
 
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.up_proj.weight"]
-    cfg = MergeConfig(method="ties", ratio=0.5, layer_ratios=[0.0, 1.0], component_ratios={"embed": 0.1})
+
+def test_ratio_map_json_round_trip_plain_map_and_summary():
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.up_proj.weight",
+             "model.layers.1.mlp.up_proj.weight"]
+    cfg = MergeConfig(method="ties", ratio=0.5, layer_ratios=[0.0, 1.0], component_ratios={"embed": 0.1},
+                      t_lo=0.15, t_hi=0.85)
     rmap = plain_ratio_map(names, cfg, 4)
-    assert rmap[names[0]].ratio == 0.1 and rmap[names[1]].ratio == 0.0 and rmap[names[2]].ratio == 1.0
+    assert [rmap[n].ratio for n in names] == pytest.approx([0.1, 0.0, 1.0, 1 / 3])
     back = RatioMap.from_json(rmap.to_json())
     assert dict(back) == dict(rmap)
+    assert rmap.transplanted() == {"father": names[:2], "mother": names[2:3]}
+    summary = rmap.summary()
+    assert "from father 2" in summary and "from mother 1" in summary and "'ties': 1" in summary
     with pytest.raises(ValueError, match="warp"):
         plain_ratio_map(names, MergeConfig(component_ratios={"warp": 0.3}), 4)
+
+
+def test_merge_yamls_match_the_dataclass_fields_exactly():
+    import dataclasses
+
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(MergeConfig)}
+    conf = Path(__file__).resolve().parents[1] / "conf" / "merge"
+    for f in sorted(conf.glob("*.yaml")):
+        data = yaml.safe_load(f.read_text())
+        assert set(data) == fields, (f.name, set(data) ^ fields)
+        assert data["method"] in METHODS
+        MergeConfig(**data)
+    assert {f.stem for f in conf.glob("*.yaml")} == set(METHODS)
+
+
+# ---- engine: export and in memory ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +290,7 @@ def parents(tmp_path_factory):
     from darwin_hydra.testing.tiny import perturbed_copy, save_tiny
 
     root = tmp_path_factory.mktemp("parents")
-    base = save_tiny("qwen3_5_moe", root / "base", seed=0)
+    base = save_tiny("qwen3_5_moe", root / "base", seed=0, dtype=torch.bfloat16)
     father = perturbed_copy(base, root / "father", scale=0.05, seed=1)
     mother = perturbed_copy(base, root / "mother", scale=0.05, seed=2)
     return base, father, mother
@@ -157,22 +302,32 @@ def _readers(paths):
     return [CheckpointReader(p) for p in paths]
 
 
-def test_export_is_bit_identical_across_workers_and_order(parents, tmp_path):
+def _checksums(path):
+    return json.loads((Path(path) / "checksums.json").read_text())["tensors"]
+
+
+def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_path, monkeypatch):
     from darwin_hydra.io.checkpoint import CheckpointReader
 
     base, father, mother = _readers(parents)
-    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.6, density_a=0.5, density_b=0.4) for n in father.names})
+    recipes = [TensorRecipe(method=m, ratio=0.6, density_a=0.5, density_b=0.4) for m in ("dare_ties", "ties", "slerp")]
+    rmap = RatioMap({n: recipes[i % 3] for i, n in enumerate(father.names)})
     one = merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "one", workers=1, progress=False)
-    two = merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "two", workers=2, progress=False)
-    s1 = json.loads((one / "checksums.json").read_text())["tensors"]
-    s2 = json.loads((two / "checksums.json").read_text())["tensors"]
-    assert s1 == s2
-    # one tensor on its own (any order) gives the same bits
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the caller's thread setting does not matter either
+        two = merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "two", workers=3, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert _checksums(one) == _checksums(two)
+    # one tensor on its own (any order, any chunking) gives the same bits
+    monkeypatch.setattr(M, "CHUNK_CPU", 4096)
     name = father.names[-3]
-    alone = merge_tensor(name, father.get(name), mother.get(name), base.get(name), rmap[name], "g1")
+    alone = merge_named(name, father.get(name), mother.get(name), base.get(name), rmap[name], "g1")
     assert torch.equal(alone, CheckpointReader(one).get(name))
     other = merge_to_disk(father, mother, base, rmap, "g2", tmp_path / "three", workers=2, progress=False)
-    assert json.loads((other / "checksums.json").read_text())["tensors"] != s1
+    assert _checksums(other) != _checksums(one)
 
 
 def test_in_memory_equals_export_including_fused_experts(parents, tmp_path):
@@ -193,6 +348,15 @@ def test_in_memory_equals_export_including_fused_experts(parents, tmp_path):
     lin = RatioMap({n: TensorRecipe(method="linear", ratio=0.3) for n in father.names})
     merger.apply(lin, "x")
     assert merger.apply(lin, "y") == 0
+    assert merger.apply(RatioMap({**lin, father.names[0]: TensorRecipe(method="linear", ratio=0.4)}), "y") == 1
+
+
+def test_export_writes_the_requested_dtype(parents, tmp_path):
+    base, father, mother = _readers(parents)
+    rmap = RatioMap({n: TensorRecipe(method="linear", ratio=0.5) for n in father.names})
+    out = merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", dtype="float32", progress=False)
+    child = _readers([out])[0]
+    assert {child.dtype(n) for n in child.names if father.dtype(n).is_floating_point} == {torch.float32}
 
 
 def test_export_refuses_a_map_missing_tensors(parents, tmp_path):
@@ -203,22 +367,59 @@ def test_export_refuses_a_map_missing_tensors(parents, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_nan_during_export_leaves_no_child(parents, tmp_path):
+def test_nan_during_export_names_the_tensor_and_leaves_no_child(parents, tmp_path):
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
     base, father, mother = _readers(parents)
     bad_dir = tmp_path / "bad"
-    import shutil
-
     shutil.copytree(mother.path, bad_dir)
     sd = load_file(bad_dir / "model.safetensors")
     name = sorted(sd)[5]
     sd[name][..., 0] = float("inf")
     save_file(sd, bad_dir / "model.safetensors", metadata={"format": "pt"})
-    from darwin_hydra.io.checkpoint import CheckpointReader
-
     rmap = RatioMap({n: TensorRecipe(method="ties", ratio=0.5) for n in father.names})
     with pytest.raises(NonFiniteTensorError, match=name.replace(".", r"\.")):
-        merge_to_disk(father, CheckpointReader(bad_dir), base, rmap, "h", tmp_path / "child", progress=False)
+        merge_to_disk(father, _readers([bad_dir])[0], base, rmap, "h", tmp_path / "child", progress=False)
     assert not (tmp_path / "child").exists()
     assert not list(tmp_path.glob("child.tmp*"))
+
+
+def test_a_killed_export_leaves_no_finished_looking_child(parents, tmp_path):
+    """SIGKILL in the middle of the export: no ``child`` directory, and the next export succeeds."""
+    base, father, mother = (str(p) for p in parents)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from darwin_hydra.io import checkpoint
+        from darwin_hydra.io.checkpoint import CheckpointReader
+        from darwin_hydra.merge.engine import merge_to_disk
+        from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
+        add = checkpoint.CheckpointWriter.add
+        def add_then_die(self, name, t):
+            add(self, name, t)
+            if len(self._names) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.CheckpointWriter.add = add_then_die
+        f, m, b = (CheckpointReader(p) for p in ({father!r}, {mother!r}, {base!r}))
+        rmap = RatioMap({{n: TensorRecipe(method="ties", ratio=0.5) for n in f.names}})
+        merge_to_disk(f, m, b, rmap, "h", {str(tmp_path / "child")!r}, progress=False)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert not (tmp_path / "child").exists()
+    assert list(tmp_path.glob("child.tmp*"))  # the partial work is under a temporary name
+    b, f, m = _readers(parents)
+    rmap = RatioMap({n: TensorRecipe(method="ties", ratio=0.5) for n in f.names})
+    merge_to_disk(f, m, b, rmap, "h", tmp_path / "child", progress=False)
+    assert (tmp_path / "child" / "checksums.json").exists() and not list(tmp_path.glob("child.tmp*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "linear", "breadcrumbs"])
+def test_cuda_gives_the_cpu_child(method):
+    fa, mo, base = bf16_parents((700, 1000))
+    rec = TensorRecipe(method=method, ratio=0.4, density_a=0.5, density_b=0.6)
+    cpu = merge_tensor(fa, mo, base, rec, 11)
+    gpu = merge_tensor(fa, mo, base, rec, 11, device="cuda")
+    assert torch.equal(cpu, gpu.cpu())

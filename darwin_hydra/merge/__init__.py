@@ -1,7 +1,29 @@
 """The merge engine: pure per-tensor methods (``methods``), recipes and ratio maps (``recipe``),
-the streamed and in-memory modes (``engine``). See docs/merge.md."""
+the streamed and in-memory modes (``engine``). See docs/merge.md.
 
-from darwin_hydra.merge.config import MergeConfig
-from darwin_hydra.merge.recipe import METHODS, RatioMap, TensorRecipe, plain_ratio_map, tensor_seed
+Names are imported lazily, so that the config schema (``merge.config``) loads without torch."""
 
-__all__ = ["METHODS", "MergeConfig", "RatioMap", "TensorRecipe", "plain_ratio_map", "tensor_seed"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MergeConfig": "config",
+    "METHODS": "config",
+    "RatioMap": "recipe",
+    "TensorRecipe": "recipe",
+    "plain_ratio_map": "recipe",
+    "tensor_seed": "recipe",
+    "merge_tensor": "methods",
+    "NonFiniteTensorError": "methods",
+    "merge_to_disk": "engine",
+    "merge_named": "engine",
+    "InMemoryMerger": "engine",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"darwin_hydra.merge.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'darwin_hydra.merge' has no attribute {name!r}")

@@ -1,24 +1,43 @@
 """The ``merge`` config group: a plain merge (one recipe for every tensor, optionally per component
-and per layer) and how the engine runs (device, workers). A genome overrides the per-tensor part."""
+and per layer) and how the engine runs (device, workers, output dtype). A genome, when the run has
+one, replaces the per-tensor part (ratios, densities, method weight); device/workers/dtype still apply."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
+# the method names live here, not in methods.py: the config schema must not import torch
+METHODS = (
+    "dare_ties",
+    "ties",
+    "dare_linear",
+    "task_arithmetic",
+    "linear",
+    "slerp",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+)
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
 
 @dataclass
 class MergeConfig:
-    """``darwin-hydra 'pipeline.stages=[merge]' merge.method=ties merge.ratio=0.5``.
+    """``darwin-hydra 'pipeline.stages=[merge]' merge=ties merge.ratio=0.5``.
 
-    ratio is the mother's share (0 = father, 1 = mother). ``component_ratios`` (attn, ffn, embed,
-    norm, head, router, expert, shared_expert) replace ``ratio`` for their tensors; ``layer_ratios``
-    (a list interpolated linearly over the decoder layers, e.g. [0.2, 0.8] for a gradient) replace it
-    for tensors inside layers; component ratios win over layer ratios.
+    ratio is the mother's share (0 = father, 1 = mother). ``component_ratios`` (embed, attn, ffn,
+    norm, head, router, expert, shared_expert, other) replace ``ratio`` for their tensors;
+    ``layer_ratios`` (a list interpolated linearly over the decoder layers, e.g. [0.2, 0.8] for a
+    gradient from the first layer to the last) replace it for tensors inside layers; component
+    ratios win over layer ratios. Formulas: docs/merge.md.
     """
 
     method: str = "dare_ties"
     ratio: float = 0.5
+    # DARE / TIES / breadcrumbs / DELLA: share of the father's (a) and mother's (b) delta entries kept
     density_a: float = 1.0
     density_b: float = 1.0
     # share of ``method`` in the child; the rest is ``blend_method`` (Darwin's merge_method_weight)
@@ -29,17 +48,26 @@ class MergeConfig:
     t_hi: Optional[float] = None
     component_ratios: dict[str, float] = field(default_factory=dict)
     layer_ratios: Optional[list[float]] = None
-    # task_arithmetic / ties / dare / della / breadcrumbs: scale of the combined delta
+    # task-arithmetic family: child = base + scale * combined delta (mergekit's lambda)
     scale: float = 1.0
     # breadcrumbs: share of the largest-magnitude delta entries dropped (beside the smallest)
     gamma: float = 0.01
-    # della: spread of keep probabilities around the density, by magnitude rank
-    epsilon: float = 0.1
-    # slerp: |cos| above 1 - slerp_eps is "nearly parallel": linear interpolation instead
+    # della: keep probabilities spread over density +- epsilon by magnitude rank within a row
+    epsilon: float = 0.15
+    # slerp: rows with |cos| above 1 - slerp_eps are "nearly parallel": linear interpolation instead
     slerp_eps: float = 5e-4
-    # merge on "cpu", "cuda" or "auto" (cuda when available); masks are drawn on the CPU either way
+    # merge on "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
     device: str = "cpu"
-    # parallel tensor merges (0 = one per core)
+    # tensors merged in parallel (0 = one per core)
     workers: int = 0
-    # seed material for a plain merge's DARE masks (a genome's hash is used when there is a genome)
+    # the child's floating dtype: null = the father's, else bfloat16 / float16 / float32
+    dtype: Optional[str] = None
+    # seed material of a plain merge's random masks (with a genome, its genome_hash is used)
     seed: int = 0
+
+    def __post_init__(self):
+        for key in ("method", "blend_method"):
+            if getattr(self, key) not in METHODS:
+                raise ValueError(f"merge.{key}={getattr(self, key)!r} is not one of {list(METHODS)}")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"merge.dtype={self.dtype!r}: use null (the father's), bfloat16, float16 or float32")

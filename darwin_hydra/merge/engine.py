@@ -1,20 +1,24 @@
-"""The merge engine: one per-tensor function (``merge_tensor``), two modes.
+"""The merge engine: the per-tensor functions of ``methods`` in two modes.
 
-- export (``merge_to_disk``): tensors streamed from the parents' files through a thread pool into the
-  sharded writer, in the father's tensor order; memory is bounded by the tensors in flight
-  (``max_inflight_bytes``), never the model.
+- export (``merge_to_disk``): tensors read from the parents' files by a pool of worker threads,
+  merged a chunk at a time and handed to the sharded writer in the father's tensor order; memory is
+  bounded by the tensors in flight (``max_inflight_bytes``), never the model.
 - in memory (``InMemoryMerger``): the child written into an already loaded model's parameters
   (through ``darwin_hydra.io.layout.param_views``, fused MoE experts included), for search trials.
 
-Both call ``merge_tensor``, whose random masks come from a CPU generator seeded by
-(genome_hash, tensor name): the same genome gives a bit-identical child whatever the thread
-count, the tensor order or the device.
+Both call ``merge_named``: masks are a function of (genome_hash, tensor name, element index) and
+whole-tensor statistics are exact or summed in a fixed order, and every merge kernel runs with one
+intra-op thread (parallelism is across tensors): the same genome gives a bit-identical child
+whatever the worker count or the order tensors are merged in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,36 +26,64 @@ from typing import Mapping
 
 import torch
 
-from darwin_hydra.merge.methods import combine
-from darwin_hydra.merge.recipe import FATHER, RatioMap, TensorRecipe, tensor_seed
+from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor
+from darwin_hydra.merge.recipe import RatioMap, TensorRecipe, tensor_seed
+
+__all__ = ["InMemoryMerger", "NonFiniteTensorError", "merge_named", "merge_to_disk", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
 
-class NonFiniteTensorError(ValueError):
-    """A parent tensor holds NaN or Inf."""
 
-
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
+    device = str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"merge.device={device!r} but torch sees no CUDA device; use merge.device=cpu")
+        raise RuntimeError(f"merge.device={device!r} but torch sees no CUDA device; use merge.device=cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"merge.device={device!r}: use cpu, cuda, cuda:N or auto")
     return torch.device(device)
 
 
-def _check_finite(t: torch.Tensor, role: str, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int(torch.isinf(t).sum())
-        raise NonFiniteTensorError(
-            f"{role} tensor {name!r} holds {n_nan} NaN and {n_inf} Inf values: fix or replace that checkpoint "
-            "before merging"
-        )
+def resolve_workers(workers: int) -> int:
+    """``workers`` threads, 0 = one per available core."""
+    if workers > 0:
+        return workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
-def merge_tensor(
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """Torch ops with one thread while merging (kernels are parallel across tensors, and a reduction
+    split over a varying thread count would change the last bits); restored afterwards."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def merge_named(
     name: str,
     father: torch.Tensor,
     mother: torch.Tensor,
@@ -59,51 +91,11 @@ def merge_tensor(
     recipe: TensorRecipe,
     genome_hash: str,
     device: torch.device | str = "cpu",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor under its recipe; returns a tensor of the father's dtype (on ``device``).
-
-    Transplanted tensors come back as the parent's tensor itself (bit for bit). Non-float tensors
-    (integer buffers) are the father's. NaN/Inf in an input raise ``NonFiniteTensorError`` naming it.
-    """
-    side = recipe.transplant_side()
-    if side is not None:
-        return father if side == FATHER else mother
-    if not father.is_floating_point():
-        return father
-    device = torch.device(device)
-    for role, t in (("father", father), ("mother", mother), ("base", base)):
-        if t is not None:
-            if t.shape != father.shape:
-                raise ValueError(f"tensor {name!r}: {role} shape {tuple(t.shape)} != father shape {tuple(father.shape)}")
-            _check_finite(t, role, name)
-    a = father.to(device=device, dtype=torch.float32)
-    b = mother.to(device=device, dtype=torch.float32)
-    c = None if base is None else base.to(device=device, dtype=torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(genome_hash, name))
-    kw = dict(
-        density_a=recipe.density_a,
-        density_b=recipe.density_b,
-        scale=recipe.scale,
-        gamma=recipe.gamma,
-        epsilon=recipe.epsilon,
-        slerp_eps=recipe.slerp_eps,
-        gen=gen,
-    )
-    out = combine(recipe.method, a, b, c, recipe.ratio, **kw)
-    w = recipe.method_weight
-    if w < 1.0:
-        other = combine(recipe.blend_method, a, b, c, recipe.ratio, **kw)
-        out = out * w + other * (1.0 - w)
-    if recipe.rows_from:
-        for who, rows in recipe.rows_from:
-            src = a if who == FATHER else b
-            idx = torch.tensor(rows, dtype=torch.long, device=device)
-            out[idx] = src[idx]
-    return out.to(father.dtype)
-
-
-def _workers(n: int) -> int:
-    return n if n > 0 else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """``methods.merge_tensor`` with the mask seed of (genome_hash, name)."""
+    seed = tensor_seed(genome_hash, name)
+    return merge_tensor(father, mother, base, recipe, seed, name=name, device=device, out_dtype=out_dtype)
 
 
 def _check_map(names: list[str], ratio_map: Mapping[str, TensorRecipe], others: dict) -> None:
@@ -118,11 +110,20 @@ def _check_map(names: list[str], ratio_map: Mapping[str, TensorRecipe], others: 
             raise KeyError(f"the {role} checkpoint {reader.path} lacks {len(absent)} tensor(s), e.g. {absent[:5]}")
 
 
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    t = getattr(torch, str(dtype), None)
+    if not isinstance(t, torch.dtype) or not t.is_floating_point:
+        raise ValueError(f"merge.dtype={dtype!r} is not a floating torch dtype (bfloat16, float16, float32)")
+    return t
+
+
 def merge_to_disk(
     father,
     mother,
     base,
-    ratio_map: RatioMap,
+    ratio_map: Mapping[str, TensorRecipe],
     genome_hash: str,
     out_dir: str | Path,
     *,
@@ -132,25 +133,32 @@ def merge_to_disk(
     extra_files: Mapping[str, str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
-    max_inflight_bytes: int = 768 * 2**20,
+    dtype: str | torch.dtype | None = None,
+    max_inflight_bytes: int = 1 << 30,
 ) -> Path:
-    """Stream the child of ``father``/``mother`` (and ``base``) readers into ``out_dir``.
+    """Stream the child of ``father``/``mother`` (and ``base``) ``CheckpointReader``s into ``out_dir``.
 
-    Tensors are merged by ``workers`` threads (0 = one per core) and written in the father's order;
-    at most ``max_inflight_bytes`` of float32 work is scheduled at once (one tensor always may).
-    Everything lands in ``out_dir`` atomically, with ``checksums.json`` and ``extra_files``.
+    Every tensor of the father (in its order) is read from the three parents, merged under
+    ``ratio_map[name]`` by one of ``workers`` threads (0 = one per core) and written as soon as
+    the tensors before it are. A tensor in flight holds its inputs and its output (about
+    4 x its size); no more than ``max_inflight_bytes`` of that is scheduled at once (one tensor
+    always may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
+    Everything lands in ``out_dir`` atomically (``CheckpointWriter``), with ``checksums.json`` and
+    ``extra_files`` (relative path -> text); on any error nothing named ``out_dir`` is left.
     """
     from tqdm.auto import tqdm
 
     from darwin_hydra.io.checkpoint import CheckpointWriter
 
+    t0 = time.perf_counter()
     names = list(father.names)
     _check_map(names, ratio_map, {"mother": mother, "base": base})
     dev = resolve_device(device)
-    n_workers = _workers(workers)
+    out_dtype = _dtype(dtype)
+    n_workers = resolve_workers(workers)
 
     def job(name: str) -> torch.Tensor:
-        out = merge_tensor(
+        out = merge_named(
             name,
             father.get(name),
             mother.get(name),
@@ -158,80 +166,143 @@ def merge_to_disk(
             ratio_map[name],
             genome_hash,
             dev,
+            out_dtype,
         )
-        return out.cpu()
+        return out if out.device.type == "cpu" else out.cpu()
+
+    roles = 3 if base is not None else 2
 
     def cost(name: str) -> int:
-        return 6 * 4 * max(1, father.nbytes(name) // max(father.dtype(name).itemsize, 1))
+        return (roles + 1) * father.nbytes(name)
 
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, source_dir=father.path, overwrite=overwrite) as w:
-        bar = tqdm(total=len(names), desc="merge", unit="tensor", disable=not progress, leave=False)
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge") as pool:
-            queue: deque = deque()
+    total = sum(father.nbytes(n) for n in names)
+    with one_intra_op_thread(), CheckpointWriter(
+        out_dir, max_shard_bytes=max_shard_bytes, source_dir=father.path, dtype=out_dtype, overwrite=overwrite
+    ) as writer:
+        bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge", initializer=_init_worker)
+        queue: deque = deque()
+        try:
             inflight = 0
             it = iter(names)
             pending = next(it, None)
             while pending is not None or queue:
-                while pending is not None and (not queue or (len(queue) < 2 * n_workers and inflight + cost(pending) <= max_inflight_bytes)):
+                while pending is not None and (
+                    not queue or (len(queue) < 2 * n_workers and inflight + cost(pending) <= max_inflight_bytes)
+                ):
                     queue.append((pending, cost(pending), pool.submit(job, pending)))
                     inflight += cost(pending)
                     pending = next(it, None)
                 name, c, fut = queue.popleft()
-                w.add(name, fut.result())
+                t = fut.result()
+                writer.add(name, t)
+                del t, fut
                 inflight -= c
-                bar.update(1)
-        bar.close()
+                bar.update(father.nbytes(name))
+        except BaseException:
+            for _, _, f in queue:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
         for rel, text in (extra_files or {}).items():
-            w.write_text(rel, text)
-    log.info("merged %d tensors into %s (%d worker(s), %s)", len(names), out_dir, n_workers, dev)
+            writer.write_text(rel, text)
+    dt = time.perf_counter() - t0
+    log.info("merged %d tensors (%.2f GB) into %s in %.1f s (%d worker(s), %s)", len(names), total / 1e9, out_dir, dt,
+             n_workers, dev)
     return Path(out_dir)
 
 
 class InMemoryMerger:
     """Writes children into one loaded model, trial after trial.
 
-    ``father``/``mother``/``base``: name -> tensor (the canonical on-disk names), read once.
-    ``apply`` re-merges only tensors whose recipe changed since the last call (or whose random
-    masks changed with the genome hash) and copies them into the model's parameters in place.
+    ``father``/``mother``/``base``: name -> tensor (canonical on-disk names), read once and kept
+    (on ``device`` when it is CUDA, unless ``parents_on_device=False``). ``apply`` re-merges only
+    the tensors whose recipe changed since the last call (or whose random masks changed with the
+    genome hash) and copies them into the model's parameters in place. Tensors are merged by
+    ``workers`` threads (0 = one per core) when there is enough work to share, else in the calling
+    thread.
     """
 
-    def __init__(self, model, father: Mapping[str, torch.Tensor], mother: Mapping[str, torch.Tensor],
-                 base: Mapping[str, torch.Tensor] | None = None, device: str = "cpu"):
+    PARALLEL_MIN_ELEMENTS = 1 << 22
+
+    def __init__(
+        self,
+        model,
+        father: Mapping[str, torch.Tensor],
+        mother: Mapping[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor] | None = None,
+        device: str = "cpu",
+        workers: int = 0,
+        parents_on_device: bool | None = None,
+    ):
         from darwin_hydra.io.layout import param_views
 
         self.model = model
         self.views = param_views(model)
-        self.father, self.mother, self.base = dict(father), dict(mother), (dict(base) if base is not None else None)
         self.device = resolve_device(device)
+        stage = self.device.type == "cuda" if parents_on_device is None else parents_on_device
+
+        def keep(tensors):
+            if tensors is None:
+                return None
+            return {n: (t.to(self.device) if stage else t) for n, t in tensors.items()}
+
+        self.father, self.mother, self.base = keep(father), keep(mother), keep(base)
         missing = sorted(set(self.views) - set(self.father))
         extra = sorted(set(self.father) - set(self.views))
         if missing or extra:
             raise KeyError(
                 f"the loaded model and the parents' tensors differ: model-only {missing[:5]}, parents-only {extra[:5]}"
             )
+        for role, tensors in (("mother", self.mother), ("base", self.base)):
+            if tensors is not None and set(tensors) != set(self.father):
+                raise KeyError(f"the {role}'s tensors differ from the father's: {sorted(set(tensors) ^ set(self.father))[:5]}")
+        self.workers = resolve_workers(workers)
         self._last: dict[str, tuple] = {}
         self.merged_last = 0
+        self.seconds_last = 0.0
+
+    def _merge(self, name: str, recipe: TensorRecipe, genome_hash: str) -> None:
+        out = merge_named(
+            name,
+            self.father[name],
+            self.mother[name],
+            self.base[name] if self.base is not None else None,
+            recipe,
+            genome_hash,
+            self.device,
+        )
+        self.views[name].copy_(out)
 
     @torch.no_grad()
     def apply(self, ratio_map: Mapping[str, TensorRecipe], genome_hash: str) -> int:
         """Write the child of ``ratio_map`` into the model; returns how many tensors were re-merged."""
-        n = 0
-        for name, view in self.views.items():
+        t0 = time.perf_counter()
+        todo = []
+        for name in self.views:
             recipe = ratio_map[name]
             key = (recipe, genome_hash if recipe.random else None)
-            if self._last.get(name) == key:
-                continue
-            out = merge_tensor(
-                name,
-                self.father[name],
-                self.mother[name],
-                self.base[name] if self.base is not None else None,
-                recipe,
-                genome_hash,
-                self.device,
-            )
-            view.copy_(out)
-            self._last[name] = key
-            n += 1
-        self.merged_last = n
-        return n
+            if self._last.get(name) != key:
+                todo.append((name, recipe, key))
+        work = sum(self.father[n].numel() for n, _, _ in todo)
+        try:
+            with one_intra_op_thread():
+                if self.workers > 1 and work >= self.PARALLEL_MIN_ELEMENTS and len(todo) > 1:
+                    with ThreadPoolExecutor(self.workers, thread_name_prefix="merge", initializer=_init_worker) as pool:
+                        futs = [pool.submit(self._merge, n, r, genome_hash) for n, r, _ in todo]
+                        for f in futs:
+                            f.result()
+                else:
+                    for n, r, _ in todo:
+                        self._merge(n, r, genome_hash)
+        except BaseException:
+            for n, _, _ in todo:  # some of these now hold a partial child: merge them again next time
+                self._last.pop(n, None)
+            raise
+        for n, _, key in todo:
+            self._last[n] = key
+        self.merged_last = len(todo)
+        self.seconds_last = time.perf_counter() - t0
+        return len(todo)

@@ -15,18 +15,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from darwin_hydra.arch import tensor_info
+from darwin_hydra.merge.config import METHODS, RANDOM_METHODS
 
-METHODS = (
-    "dare_ties",
-    "ties",
-    "dare_linear",
-    "task_arithmetic",
-    "linear",
-    "slerp",
-    "breadcrumbs",
-    "della",
-    "model_stock",
-)
 FATHER, MOTHER = "father", "mother"
 
 
@@ -51,7 +41,7 @@ class TensorRecipe:
     t_hi: Optional[float] = None
     scale: float = 1.0
     gamma: float = 0.01
-    epsilon: float = 0.1
+    epsilon: float = 0.15
     slerp_eps: float = 5e-4
     source: Optional[str] = None
     rows_from: Optional[tuple[tuple[str, tuple[int, ...]], ...]] = None
@@ -67,6 +57,12 @@ class TensorRecipe:
                 raise ValueError(f"density {d} must lie in (0, 1]")
         if self.source not in (None, FATHER, MOTHER):
             raise ValueError(f"tensor source {self.source!r} must be 'father', 'mother' or None")
+        if not 0.0 <= self.method_weight <= 1.0:
+            raise ValueError(f"method_weight {self.method_weight} must lie in [0, 1]")
+        if not 0.0 <= self.gamma < 1.0 or self.epsilon < 0.0 or not 0.0 <= self.slerp_eps < 1.0:
+            raise ValueError(
+                f"gamma {self.gamma} must lie in [0, 1), epsilon {self.epsilon} >= 0, slerp_eps {self.slerp_eps} in [0, 1)"
+            )
 
     def transplant_side(self) -> str | None:
         """``father`` / ``mother`` when the whole tensor is taken from one parent, else None."""
@@ -81,9 +77,12 @@ class TensorRecipe:
     @property
     def random(self) -> bool:
         """Whether the merge draws random masks (so its result depends on the seed)."""
-        uses = {self.method} | ({self.blend_method} if self.method_weight < 1.0 else set())
-        dare = any(m in ("dare_ties", "dare_linear") for m in uses) and min(self.density_a, self.density_b) < 1.0
-        return dare or "della" in uses
+        if self.transplant_side() is not None:
+            return False
+        uses = ({self.method} if self.method_weight > 0.0 else set()) | (
+            {self.blend_method} if self.method_weight < 1.0 else set()
+        )
+        return any(m in RANDOM_METHODS for m in uses) and min(self.density_a, self.density_b) < 1.0
 
 
 class RatioMap(Mapping[str, TensorRecipe]):
@@ -117,14 +116,30 @@ class RatioMap(Mapping[str, TensorRecipe]):
             out[n] = TensorRecipe(**d)
         return cls(out)
 
+    def transplanted(self) -> dict[str, list[str]]:
+        """Tensors taken whole from one parent: {"father": [...], "mother": [...]}."""
+        out: dict[str, list[str]] = {FATHER: [], MOTHER: []}
+        for n, r in self._r.items():
+            side = r.transplant_side()
+            if side is not None:
+                out[side].append(n)
+        return out
+
     def summary(self) -> str:
-        methods = Counter(r.method for r in self._r.values())
-        sides = Counter(r.transplant_side() or "merged" for r in self._r.values())
+        """One paragraph: tensor count, counts per method, transplants (with a few names), ratio range."""
+        merged = [r for r in self._r.values() if r.transplant_side() is None]
+        methods = Counter(r.method for r in merged)
+        moved = self.transplanted()
         ratios = [r.ratio for r in self._r.values()]
         mean = sum(ratios) / max(len(ratios), 1)
+
+        def names(side: str) -> str:
+            ns = moved[side]
+            return f"{len(ns)}" + (f" (e.g. {', '.join(ns[:3])})" if ns else "")
+
         return (
-            f"{len(self._r)} tensors; methods {dict(methods)}; merged {sides.get('merged', 0)}, "
-            f"from father {sides.get(FATHER, 0)}, from mother {sides.get(MOTHER, 0)}; "
+            f"{len(self._r)} tensors; merged {len(merged)} by method {dict(methods)}; "
+            f"whole from father {names(FATHER)}, from mother {names(MOTHER)}; "
             f"ratio mean {mean:.3f} min {min(ratios, default=0):.3f} max {max(ratios, default=0):.3f}"
         )
 
