@@ -166,14 +166,18 @@ def test_della_keeps_large_entries_more_often_and_rescales_by_keep_probability()
     assert torch.allclose(out[out != 0], (d / p)[out != 0], rtol=1e-5)
 
 
-def test_slerp_per_row_endpoints_and_parallel_fallback():
+def test_slerp_endpoints_orthogonal_midpoint_and_parallel_fallback(monkeypatch):
     assert torch.allclose(merge("slerp", ratio=0.0), A, atol=1e-5)
     assert torch.allclose(merge("slerp", ratio=1.0), B, atol=1e-5)
-    assert torch.allclose(merge("slerp", b=2 * A, ratio=0.5), 1.5 * A, atol=1e-6)  # parallel rows: linear
-    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    y = torch.tensor([[0.0, 1.0], [2.0, 0.0]])  # row 0 orthogonal, row 1 parallel
+    assert torch.allclose(merge("slerp", b=2 * A, ratio=0.5), 1.5 * A, atol=1e-6)  # parallel: linear
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    y = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # orthogonal as whole tensors
     out = merge_tensor(x, y, None, TensorRecipe(method="slerp", ratio=0.5), 0)
-    assert torch.allclose(out, torch.tensor([[0.5**0.5, 0.5**0.5], [1.5, 0.0]]))
+    assert torch.allclose(out, torch.tensor([[0.5**0.5, 0.0], [0.0, 0.5**0.5]]))
+    fa, mo, _ = bf16_parents((300, 1000))
+    whole = merge_tensor(fa, mo, None, TensorRecipe(method="slerp", ratio=0.3), 0)
+    monkeypatch.setattr(M, "CHUNK_CPU", 1 << 12)  # statistics summed over other chunks: same child
+    assert torch.equal(merge_tensor(fa, mo, None, TensorRecipe(method="slerp", ratio=0.3), 0), whole)
 
 
 def test_model_stock_needs_a_base_and_interpolates():

@@ -5,9 +5,8 @@ share (``recipe.ratio``), dA = A - b, dB = B - b, s = ``recipe.scale``, w = (1 -
 Maths in float32, the result cast to the father's dtype (or ``out_dtype``) once at the end.
 
     linear            child = (1 - r) A + r B
-    slerp             per row i (leading axis; 1-D tensors: per element, i.e. linear):
-                      child_i = sin((1-r) t_i)/sin t_i A_i + sin(r t_i)/sin t_i B_i,  t_i = angle(A_i, B_i);
-                      linear where |cos t_i| > 1 - slerp_eps (nearly (anti)parallel rows)
+    slerp             child = sin((1-r) t)/sin t A + sin(r t)/sin t B,  t = angle(A, B) of the whole
+                      tensors as vectors; linear where |cos t| > 1 - slerp_eps (nearly (anti)parallel)
     task_arithmetic   child = b + s ((1-r) dA + r dB)
     dare_linear       child = b + s ((1-r) DARE(dA, density_a) + r DARE(dB, density_b))
     dare_ties         child = b + s TIES((1-r) DARE(dA), r DARE(dB))              (Darwin's default)
@@ -33,9 +32,9 @@ With no base, dA = 0 and every TIES/DARE variant reduces to Darwin V5's rule chi
 ``method_weight`` w blends: child = w method + (1 - w) blend_method (blend masks use another seed).
 Differences from mergekit 0.1.5, all on purpose, are in docs/merge.md.
 
-Everything is computed a chunk at a time (``CHUNK`` elements, whole rows where a method works per
-row): memory is a few float32 chunks beside the inputs and the output, and chunks stay in cache.
-Whole-tensor statistics (TIES thresholds, Model Stock's cosine) are exact order statistics
+Everything is computed a chunk at a time (``CHUNK_CPU`` elements, whole rows where DELLA ranks
+per row): memory is a few float32 chunks beside the inputs and the output, and chunks stay in cache.
+Whole-tensor statistics (TIES thresholds; slerp's and Model Stock's cosines) are exact order statistics
 (select.py) or sums accumulated in chunk order, so the result never depends on thread count or on
 the order tensors are merged in. Random masks are a function of (seed, element index) (masks.py).
 """
@@ -140,7 +139,7 @@ class Parents:
         self.c = None if base is None else base.reshape(-1).to(self.device)
         self.n = self.a.numel()
         self.chunk = CHUNK_CUDA if self.device.type == "cuda" else CHUNK_CPU
-        self.row_aligned = False  # set by methods that work per row (slerp, della)
+        self.row_aligned = False  # set by methods that work per row (della)
         self._sum = None
 
     @property
@@ -385,23 +384,26 @@ def _family_kernel(method: str, P: Parents, recipe, seed: int):
 
 
 def _slerp_kernel(P: Parents, recipe):
+    """Slerp of the whole tensor as one vector (as mergekit 0.1.5): its norms and dot product are
+    accumulated chunk by chunk, in chunk order, then every chunk is ca A + cb B."""
     r, eps = recipe.ratio, recipe.slerp_eps
-    cols = max(P.rows[1], 1)
-    P.row_aligned = True
+    na2 = nb2 = ab = 0.0
+    for ch in P.chunks():
+        s = ch.scratch(0)
+        na2 += float(torch.mul(ch.a, ch.a, out=s).sum(dtype=torch.float64))
+        nb2 += float(torch.mul(ch.b, ch.b, out=s).sum(dtype=torch.float64))
+        ab += float(torch.mul(ch.a, ch.b, out=s).sum(dtype=torch.float64))
+    na, nb = math.sqrt(na2), math.sqrt(nb2)
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    cos = min(max(ab / (na * nb), -1.0), 1.0)
+    if abs(cos) > 1.0 - eps:  # nearly (anti)parallel: linear interpolation
+        ca, cb = 1.0 - r, r
+    else:
+        theta = math.acos(cos)
+        ca, cb = math.sin((1.0 - r) * theta) / math.sin(theta), math.sin(r * theta) / math.sin(theta)
 
     def apply(ch: _Chunk) -> torch.Tensor:
-        a, b = ch.a.view(-1, cols), ch.b.view(-1, cols)
-        na = torch.linalg.vector_norm(a, dim=1)
-        nb = torch.linalg.vector_norm(b, dim=1)
-        na = torch.where(na > 1e-8, na, 1.0)
-        nb = torch.where(nb > 1e-8, nb, 1.0)
-        dot = (torch.mul(a, b, out=ch.scratch(0).view(-1, cols)).sum(dim=1) / (na * nb)).clamp_(-1.0, 1.0)
-        lin = dot.abs() > 1.0 - eps
-        theta = torch.acos(torch.where(lin, 0.0, dot))
-        sin = torch.sin(theta)
-        ca = torch.where(lin, 1.0 - r, torch.sin((1.0 - r) * theta) / sin)
-        cb = torch.where(lin, r, torch.sin(r * theta) / sin)
-        return a.mul_(ca[:, None]).add_(b.mul_(cb[:, None])).view(-1)
+        return ch.a.mul_(ca).add_(ch.b.mul_(cb))
 
     return apply
 
