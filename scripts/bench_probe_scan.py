@@ -81,6 +81,8 @@ def main() -> None:
     src.add_argument("--zoo", choices=["dense", "moe"], help="the zoo pair (built on first use)")
     src.add_argument("--model", nargs="+", help="checkpoint directories (with a tokenizer)")
     src.add_argument("--tiny", help="a tiny random seed architecture (llama, qwen3_5, gemma4, qwen3_5_moe)")
+    ap.add_argument("--zoo-config", default="default", help="zoo config name (conf/zoo/<name>.yaml) for --zoo")
+    ap.add_argument("--zoo-root", default=None, help="an already built zoo directory (skips building) for --zoo")
     ap.add_argument("--layers", type=int, default=8, help="layers of the --tiny model")
     ap.add_argument("--probes", default=None, help="probes YAML (default: conf/probes/zoo.yaml for --zoo)")
     ap.add_argument("--n", type=int, default=32, help="synthetic prompts per set (--tiny / no --probes)")
@@ -103,12 +105,16 @@ def main() -> None:
     resolve = None
     models: list[tuple[str, object, object]] = []
     root = Path(__file__).resolve().parents[1]
-    if args.zoo:
+    if args.zoo and args.zoo_root:
+        zroot = Path(args.zoo_root).expanduser()
+        resolve = lambda u: str(zroot / u[len("zoo://"):]) if u.startswith("zoo://") else u  # noqa: E731
+        paths = [resolve(f"zoo://{args.zoo}/father"), resolve(f"zoo://{args.zoo}/mother")]
+        args.probes = args.probes or str(root / "conf" / "probes" / "zoo.yaml")
+    elif args.zoo:
         from darwin_hydra.zoo import resolve_zoo_uri
-        from darwin_hydra.zoo.config import ZooConfig, to_zoo_config
+        from darwin_hydra.zoo.config import load_zoo_config
 
-        zoo_yaml = root / "conf" / "zoo" / "default.yaml"
-        zoo_cfg = to_zoo_config(OmegaConf.load(zoo_yaml)) if zoo_yaml.exists() else ZooConfig()
+        zoo_cfg = load_zoo_config(args.zoo_config)
         cache = Path(args.cache_dir).expanduser()
         resolve = lambda u: str(resolve_zoo_uri(u, zoo_cfg, cache)) if u.startswith("zoo://") else u  # noqa: E731
         paths = [resolve(f"zoo://{args.zoo}/father"), resolve(f"zoo://{args.zoo}/mother")]

@@ -178,9 +178,13 @@ def test_presets_match_the_dataclass_exactly():
     keys = {f.name for f in fields(MriConfig)}
     for name, w, alpha, t in (("darwin_v5", (0.5, 0.3, 0.002), 0.5, (0.05, 0.95)),
                               ("darwin_v6", (0.3, 0.2, 0.002), 0.4, (0.15, 0.85))):
-        y = OmegaConf.load(conf / f"{name}.yaml")
-        assert set(y.keys()) == keys, name
-        assert (y.w_entropy, y.w_std, y.w_norm, y.norm_cap) == (*w, 100.0)
-        assert (y.alpha, y.t_lo, y.t_hi) == (alpha, *t)
-        y.device, y.dtype = "cpu", "float32"
-        mri_config(y)
+        for preset in (name, f"{name}_literal"):
+            y = OmegaConf.load(conf / f"{preset}.yaml")
+            assert set(y.keys()) == keys, preset
+            assert y.name == preset
+            assert (y.w_entropy, y.w_std, y.w_norm, y.norm_cap) == (*w, 100.0)
+            assert (y.alpha, y.t_lo, y.t_hi) == (alpha, *t)
+            y.device, y.dtype = "cpu", "float32"
+            mri_config(y)
+        literal = OmegaConf.load(conf / f"{name}_literal.yaml")
+        assert (literal.blend, literal.probe_terms, literal.sharpen, literal.delta_probe) == ("raw", "all", "none", False)

@@ -86,7 +86,7 @@ class MriConfig:
     # "all": each parent's probe term sums every set's skip importance (Darwin); "own": the mean of the
     # normalised skip-importance profiles of the sets it owns; "delta": the same with the delta probe
     # (docs/mri.md, "The prescription")
-    probe_terms: str = "own"
+    probe_terms: str = "delta"
     # the probe sets the mother is better at (e.g. [MATH]); null = inferred from the scan (the sets
     # where her importance summed over layers exceeds the father's)
     mother_sets: Optional[list[str]] = None
