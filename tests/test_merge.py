@@ -355,6 +355,55 @@ def test_in_memory_equals_export_including_fused_experts(parents, tmp_path):
     assert merger.apply(RatioMap({**lin, father.names[0]: TensorRecipe(method="linear", ratio=0.4)}), "y") == 1
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+def test_in_memory_fast_path_gives_the_export_bits_for_mixed_recipes(parents, tmp_path, with_base):
+    """The batched path (small models, Darwin's dare_ties with a linear blend) and the per-tensor path
+    (everything else) together give exactly the exported child."""
+    from transformers import AutoModelForCausalLM
+
+    base, father, mother = _readers(parents)
+    base = base if with_base else None
+    kinds = [TensorRecipe(method="dare_ties", ratio=0.4, density_a=0.6, density_b=0.5, method_weight=0.7),
+             TensorRecipe(method="dare_linear", ratio=0.2, density_b=0.8),
+             TensorRecipe(method="task_arithmetic", ratio=0.6, scale=1.3),
+             TensorRecipe(method="ties", ratio=0.5, density_b=0.5),
+             TensorRecipe(method="dare_ties", ratio=0.9, t_hi=0.85),
+             TensorRecipe(method="dare_ties", ratio=1.0, density_b=0.5)]
+    rmap = RatioMap({n: kinds[i % len(kinds)] for i, n in enumerate(father.names)})
+    out = merge_to_disk(father, mother, base, rmap, "hh", tmp_path / "child", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval().state_dict()
+    tensors = [None if r is None else {n: r.get(n) for n in r.names} for r in (father, mother, base)]
+    fast = InMemoryMerger(AutoModelForCausalLM.from_pretrained(father.path).eval(), *tensors)
+    assert fast.batch is not None
+    fast.apply(rmap, "hh")
+    for k, v in fast.model.state_dict().items():
+        assert torch.equal(v, exported[k]), k
+    InMemoryMerger.BATCH_MAX_ELEMENTS, saved = 0, InMemoryMerger.BATCH_MAX_ELEMENTS
+    try:
+        slow = InMemoryMerger(AutoModelForCausalLM.from_pretrained(father.path).eval(), *tensors)
+    finally:
+        InMemoryMerger.BATCH_MAX_ELEMENTS = saved
+    assert slow.batch is None
+    slow.apply(rmap, "hh")
+    def bits(t):  # compare bit patterns (signed zeros included)
+        return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+    for (k, v), (k2, v2) in zip(fast.model.state_dict().items(), slow.model.state_dict().items()):
+        assert torch.equal(bits(v), bits(v2)), k
+
+
+def test_in_memory_merger_names_a_nan_parent_tensor_at_once(parents):
+    from transformers import AutoModelForCausalLM
+
+    base, father, mother = _readers(parents)
+    tensors = [{n: r.get(n) for n in r.names} for r in (father, mother)]
+    name = father.names[4]
+    tensors[1][name] = tensors[1][name].clone()
+    tensors[1][name].view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteTensorError, match=f"mother tensor '{name}'"):
+        InMemoryMerger(AutoModelForCausalLM.from_pretrained(father.path).eval(), *tensors)
+
+
 def test_export_writes_the_requested_dtype(parents, tmp_path):
     base, father, mother = _readers(parents)
     rmap = RatioMap({n: TensorRecipe(method="linear", ratio=0.5) for n in father.names})

@@ -217,15 +217,20 @@ def merge_to_disk(
 class InMemoryMerger:
     """Writes children into one loaded model, trial after trial.
 
-    ``father``/``mother``/``base``: name -> tensor (canonical on-disk names), read once and kept
-    (on ``device`` when it is CUDA, unless ``parents_on_device=False``). ``apply`` re-merges only
-    the tensors whose recipe changed since the last call (or whose random masks changed with the
-    genome hash) and copies them into the model's parameters in place. Tensors are merged by
-    ``workers`` threads (0 = one per core) when there is enough work to share, else in the calling
-    thread.
+    ``father``/``mother``/``base``: name -> tensor (canonical on-disk names), read once, checked
+    for NaN/Inf once, and kept (on ``device`` when it is CUDA, unless ``parents_on_device=False``).
+    ``apply`` re-merges only the tensors whose recipe changed since the last call (or whose random
+    masks changed with the genome hash) and copies them into the model's parameters in place.
+
+    Speed: a small model (at most ``BATCH_MAX_ELEMENTS`` floats) is also kept concatenated, and
+    dare_ties / dare_linear / task_arithmetic recipes (Darwin's genome) are merged for all tensors
+    at once (``batched``: one trial is ~30 torch calls instead of ~40 a tensor); other recipes, and
+    big models, go tensor by tensor, over ``workers`` threads (0 = one per core) when there is
+    enough work. Both paths give the same bits as ``merge_to_disk``.
     """
 
     PARALLEL_MIN_ELEMENTS = 1 << 22
+    BATCH_MAX_ELEMENTS = 1 << 22
 
     def __init__(
         self,
@@ -238,6 +243,8 @@ class InMemoryMerger:
         parents_on_device: bool | None = None,
     ):
         from darwin_hydra.io.layout import param_views
+        from darwin_hydra.merge.batched import BatchedParents
+        from darwin_hydra.merge.methods import check_finite
 
         self.model = model
         self.views = param_views(model)
@@ -256,9 +263,16 @@ class InMemoryMerger:
             raise KeyError(
                 f"the loaded model and the parents' tensors differ: model-only {missing[:5]}, parents-only {extra[:5]}"
             )
-        for role, tensors in (("mother", self.mother), ("base", self.base)):
-            if tensors is not None and set(tensors) != set(self.father):
+        for role, tensors in (("father", self.father), ("mother", self.mother), ("base", self.base)):
+            if tensors is None:
+                continue
+            if set(tensors) != set(self.father):
                 raise KeyError(f"the {role}'s tensors differ from the father's: {sorted(set(tensors) ^ set(self.father))[:5]}")
+            for n, t in tensors.items():  # once here, so that no trial pays for it
+                check_finite(t, role, n)
+        floats = [n for n in self.views if self.father[n].is_floating_point()]
+        small = sum(self.father[n].numel() for n in floats) <= self.BATCH_MAX_ELEMENTS
+        self.batch = BatchedParents(floats, self.father, self.mother, self.base, self.device) if small and floats else None
         self.workers = resolve_workers(workers)
         self._last: dict[str, tuple] = {}
         self.merged_last = 0
@@ -279,6 +293,8 @@ class InMemoryMerger:
     @torch.no_grad()
     def apply(self, ratio_map: Mapping[str, TensorRecipe], genome_hash: str) -> int:
         """Write the child of ``ratio_map`` into the model; returns how many tensors were re-merged."""
+        from darwin_hydra.merge.batched import batchable
+
         t0 = time.perf_counter()
         todo = []
         for name in self.views:
@@ -286,16 +302,27 @@ class InMemoryMerger:
             key = (recipe, genome_hash if recipe.random else None)
             if self._last.get(name) != key:
                 todo.append((name, recipe, key))
-        work = sum(self.father[n].numel() for n, _, _ in todo)
+        groups: dict[tuple, dict[str, TensorRecipe]] = {}
+        single = []
+        for name, recipe, _ in todo:
+            group = batchable(recipe) if self.batch is not None and name in self.batch.index else None
+            if group is None:
+                single.append((name, recipe))
+            else:
+                groups.setdefault(group, {})[name] = recipe
+        work = sum(self.father[n].numel() for n, _ in single)
         try:
             with one_intra_op_thread():
-                if self.workers > 1 and work >= self.PARALLEL_MIN_ELEMENTS and len(todo) > 1:
+                for recipes in groups.values():
+                    for name, out in self.batch.merge(recipes, genome_hash).items():
+                        self.views[name].copy_(out.view(self.views[name].shape))
+                if self.workers > 1 and work >= self.PARALLEL_MIN_ELEMENTS and len(single) > 1:
                     with ThreadPoolExecutor(self.workers, thread_name_prefix="merge", initializer=_init_worker) as pool:
-                        futs = [pool.submit(self._merge, n, r, genome_hash) for n, r, _ in todo]
+                        futs = [pool.submit(self._merge, n, r, genome_hash) for n, r in single]
                         for f in futs:
                             f.result()
                 else:
-                    for n, r, _ in todo:
+                    for n, r in single:
                         self._merge(n, r, genome_hash)
         except BaseException:
             for n, _, _ in todo:  # some of these now hold a partial child: merge them again next time
