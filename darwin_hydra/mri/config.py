@@ -92,7 +92,7 @@ class MriConfig:
     mother_sets: Optional[list[str]] = None
     # what is done to r around 0.5 afterwards: "none"; "temperature": r' = sigmoid(logit(r)/temperature);
     # "stretch": scale r-0.5 so the largest layer deviation reaches stretch_to
-    sharpen: str = "stretch"
+    sharpen: str = "none"
     temperature: float = 1.0
     stretch_to: float = 0.45
     # below this largest deviation the parents are called indistinguishable and nothing is stretched
