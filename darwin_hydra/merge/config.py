@@ -69,5 +69,10 @@ class MergeConfig:
         for key in ("method", "blend_method"):
             if getattr(self, key) not in METHODS:
                 raise ValueError(f"merge.{key}={getattr(self, key)!r} is not one of {list(METHODS)}")
+        dev = str(self.device)
+        if dev not in ("cpu", "cuda", "auto") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ValueError(f"merge.device={dev!r}: use cpu, cuda, cuda:N or auto")
+        if self.workers < 0:
+            raise ValueError(f"merge.workers={self.workers}: use 0 (one per core) or a positive count")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"merge.dtype={self.dtype!r}: use null (the father's), bfloat16, float16 or float32")
