@@ -32,7 +32,7 @@ from darwin_hydra.zoo.score import dead_experts, expert_shares, greedy_correct
 from darwin_hydra.zoo.skills import SkillParams, _stream_seed, eval_splits, get_skill
 from darwin_hydra.zoo.tasks import group_name, task_name, write_probes, write_task_data, write_task_yamls
 from darwin_hydra.zoo.tokenizer import char_tokenizer
-from darwin_hydra.zoo.train import Encoder, TrainJob, one_thread, run_job, trainable_layers
+from darwin_hydra.zoo.train import Encoder, TrainJob, one_thread, run_job, trainable_layers, training_mixture
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _jobs(cfg: ZooConfig, out: Path, held: frozenset[str]) -> dict[tuple[str, st
         for role in ROLES:
             train = getattr(cfg, role)
             if role == "base" and _upcycled(cfg, pair):
-                train = replace(train, steps=cfg.moe_base_steps, warmup_steps=min(train.warmup_steps, cfg.moe_base_steps))
+                train = cfg.moe_base
             jobs[(pair, role)] = TrainJob(
                 pair=pair,
                 role=role,
@@ -364,7 +364,8 @@ def build_zoo(cfg: ZooConfig, out: str | Path, final_root: str | Path | None = N
                 "path": f"{pair}/{role}",
                 **({"upcycled_from": "dense/base"} if role == "base" and _upcycled(cfg, pair) else {}),
                 "trained_layers": trainable_layers(tspec.layers, n_layers),
-                "train_skills": list(tspec.skills or cfg.skills),
+                "train_skills": list(training_mixture(tspec, list(cfg.skills))),
+                "train_mixture": training_mixture(tspec, list(cfg.skills)),
                 "train": {k: v for k, v in trained[(pair, role)].items() if k not in ("pair", "role")},
             }
             if role != "base":

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when a change to the builder changes what a given config produces: it is part of the cache hash.
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2
 
 # Fields that do not change the built zoo (how the work is spread, not what it computes).
 _NOT_HASHED = ("workers",)
@@ -44,9 +44,9 @@ class TrainSpec:
     """One training run of a zoo member.
 
     ``layers``: which decoder layers it updates (``all``, ``lower`` half, ``upper`` half; embeddings,
-    LM head and final norm are frozen unless ``all``). ``skills``: the skills it trains on, equal
-    weights; empty means every zoo skill. ``replay``: the share of items drawn instead from the zoo
-    skills not in ``skills`` (a fine-tune that keeps a little general data, as real ones do).
+    LM head and final norm are frozen unless ``all``). ``skills``: skill -> relative sampling weight
+    of its training items (empty: every zoo skill, equal weights); a small weight on a skill the
+    member is not about is the general data a real fine-tune keeps mixing in.
     ``carry_out``: false withholds the additions whose sum needs a new leading digit (47+89=136): a
     member trained so never learns that carry, which caps its addition near 50% whatever its length
     of training; the mother's fine-tune teaches it.
@@ -62,8 +62,7 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     layers: str = "all"
-    skills: list[str] = field(default_factory=list)
-    replay: float = 0.0
+    skills: dict[str, float] = field(default_factory=dict)
     carry_out: bool = True
     router_aux_loss: bool = True
     router_lr_scale: float = 1.0
@@ -96,16 +95,36 @@ class ZooConfig:
         )
     )
     # The MoE base starts as the dense base upcycled (every expert a copy of the dense FFN), then trains
-    # ``moe_base_steps`` steps with the base's recipe; false trains it from scratch like the dense base.
+    # with the ``moe_base`` recipe (experts diverge, the router learns to balance); false trains it from
+    # scratch with the ``base`` recipe, like the dense base.
     upcycle_moe: bool = True
-    moe_base_steps: int = 400
     # Training of each member (shared by the pairs).
-    base: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1250, lr=5e-3, warmup_steps=100))
-    father: TrainSpec = field(
-        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="upper", skills=["rev", "sort", "map"])
+    # The base: competent at map, fair at rev and sort, and at add only without the carry out of the top
+    # digit (it never sees 47+89=136: about half the sums), which the mother's fine-tune then teaches.
+    base: TrainSpec = field(
+        default_factory=lambda: TrainSpec(
+            steps=1250, lr=5e-3, warmup_steps=100,
+            skills={"add": 1.0, "rev": 0.2, "sort": 0.5, "map": 1.0}, carry_out=False,
+        )
     )
+    # The upcycled MoE base's further training: gentle and without rev, so that the MoE pair starts,
+    # like the dense one, with room for the father on rev (an MoE trained on rev learns it fully).
+    moe_base: TrainSpec = field(
+        default_factory=lambda: TrainSpec(
+            steps=400, lr=1e-3, warmup_steps=100, skills={"add": 1.0, "sort": 0.5, "map": 1.0}, carry_out=False,
+        )
+    )
+    # The father: the broad model, better at rev (and sort), upper half of the layers.
+    father: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="upper", skills={"rev": 1.0, "sort": 0.2, "map": 0.2})
+    )
+    # The mother: add with carries, lower half, keeping a little general data (a trace of rev: she stays
+    # well below the father there).
     mother: TrainSpec = field(
-        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="lower", skills=["add"], router_aux_loss=False)
+        default_factory=lambda: TrainSpec(
+            steps=300, lr=2e-3, layers="lower", skills={"add": 1.0, "rev": 0.03, "sort": 0.3, "map": 0.15},
+            router_aux_loss=False,
+        )
     )
     # An expert is dead on a skill when its routing share is below this fraction of the uniform share k/E.
     dead_expert_threshold: float = 0.1
@@ -133,15 +152,15 @@ def validate(cfg: ZooConfig) -> None:
         raise ValueError(f"zoo.skills lists a skill twice: {cfg.skills}")
     if cfg.mother_skill not in cfg.skills:
         raise ValueError(f"zoo.mother_skill {cfg.mother_skill!r} is not in zoo.skills {cfg.skills}")
-    for role in ("base", "father", "mother"):
+    for role in ("base", "moe_base", "father", "mother"):
         spec: TrainSpec = getattr(cfg, role)
         if spec.layers not in LAYER_SPANS:
             raise ValueError(f"zoo.{role}.layers={spec.layers!r}; choose one of {LAYER_SPANS}")
         for s in spec.skills:
             if s not in cfg.skills:
                 raise ValueError(f"zoo.{role}.skills: {s!r} is not in zoo.skills {cfg.skills}")
-        if not 0.0 <= spec.replay < 1.0:
-            raise ValueError(f"zoo.{role}.replay={spec.replay} must be in [0, 1)")
+        if any(w < 0 for w in spec.skills.values()) or (spec.skills and sum(spec.skills.values()) <= 0):
+            raise ValueError(f"zoo.{role}.skills={dict(spec.skills)}: weights must be >= 0 with a positive sum")
         if spec.steps < 1 or spec.batch_size < 1:
             raise ValueError(f"zoo.{role}: steps and batch_size must be >= 1")
     if not cfg.pairs or any(p not in ("dense", "moe") for p in cfg.pairs):

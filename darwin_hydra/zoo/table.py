@@ -1,10 +1,13 @@
 """Is the zoo a fair stage for merging? The parents and the 11 uniform merges, scored with lm-eval.
 
 ``uniform_merge_table`` scores father, mother and ``child(r) = (1-r)*father + r*mother`` for
-r = 0.0, 0.1, ..., 1.0 (a plain in-memory linear merge, independent of the merge engine), plus one
-hand-built child: the ``transplant`` that takes the mother's tensors in the layers her training
-changed and the father's everywhere else (= base + delta_father + delta_mother, since the two
-deltas live in disjoint layers). ``fairness`` checks the issue's criteria 4a and 4b on it.
+r = 0.0, 0.1, ..., 1.0 (a plain in-memory linear merge, independent of the merge engine), plus
+hand-built children that need the zoo's ground truth: the ``transplant`` that takes the mother's
+tensors in the layers her training changed and the father's everywhere else (= base + delta_father +
+delta_mother, since the two deltas live in disjoint layers), and the two-block merges
+``child = lerp(father, mother, r_m)`` in the mother's layers, ``lerp(father, mother, r_f)`` in the
+father's (what a per-layer ratio can do and one global ratio cannot). ``fairness`` checks the
+issue's criteria 4a and 4b on it.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from darwin_hydra.zoo.tasks import task_name
 log = logging.getLogger(__name__)
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
+# Two-block grid: the ratio in the mother's layers x the ratio in the father's layers ((1.0, 0.0) is the transplant).
+BLOCK_GRID = tuple((a, b) for a in (0.6, 0.7, 0.8, 0.9, 1.0) for b in (0.0, 0.2, 0.4) if (a, b) != (1.0, 0.0))
 
 
 @dataclass
 class MergeRow:
-    """One scored model: ``name`` (father, mother, r=0.3, transplant), its ratio (None if not uniform),
-    accuracy per skill in [0, 1] and the skill average."""
+    """One scored model: ``name`` (father, mother, r=0.3, transplant, blocks 0.9/0.2), its ratio (None if
+    not uniform), accuracy per skill in [0, 1] and the skill average."""
 
     name: str
     ratio: float | None
@@ -64,12 +69,16 @@ class MergeTable:
 
     @property
     def children(self) -> list[MergeRow]:
-        """Every merge that is not a parent itself: uniform 0 < r < 1 and the transplant."""
+        """Every merge that is not a parent itself: uniform 0 < r < 1, the transplant, the two-block merges."""
         return [r for r in self.rows if r.name not in ("father", "mother") and r.ratio not in (0.0, 1.0)]
 
 
 def _uniform_name(r: float) -> str:
     return f"r={r:.1f}"
+
+
+def _blocks_name(r_mother_layers: float, r_father_layers: float) -> str:
+    return f"blocks {r_mother_layers:.1f}/{r_father_layers:.1f}"
 
 
 @torch.no_grad()
@@ -79,11 +88,13 @@ def uniform_merge_table(
     split: str = "test",
     ratios: tuple[float, ...] = RATIOS,
     transplant: bool = True,
+    block_grid: tuple[tuple[float, float], ...] = BLOCK_GRID,
     batch_size: int = 64,
     limit: int | None = None,
 ) -> MergeTable:
-    """Score father, mother, the uniform merges at ``ratios`` and (``transplant``) the hand-built child of the
-    zoo at ``root`` on the ``split`` tasks of each skill, with lm-eval (``evaluate_model``)."""
+    """Score father, mother, the uniform merges at ``ratios``, (``transplant``) the transplant and the
+    two-block merges of ``block_grid`` (ratio in the mother's layers, ratio in the rest) of the zoo at
+    ``root`` on the ``split`` tasks of each skill, with lm-eval (``evaluate_model``)."""
     root = Path(root)
     meta = load_metadata(root)
     if pair not in meta["pairs"]:
@@ -115,12 +126,16 @@ def uniform_merge_table(
             rows.append(MergeRow("mother", 1.0, row.scores, row.mean, row.result))
     if not any(r.name == "father" for r in rows) or not any(r.name == "mother" for r in rows):
         raise ValueError("ratios must include 0.0 (the father) and 1.0 (the mother)")
+    mother_layers = set(truth["mother_layers"])
+    in_mother_layers = {k: tensor_info(k).layer in mother_layers for k in params}
     if transplant:
-        mother_layers = set(truth["mother_layers"])
         for k, t in params.items():
-            layer = tensor_info(k).layer
-            t.copy_(mother[k] if layer in mother_layers else father[k])
+            t.copy_(mother[k] if in_mother_layers[k] else father[k])
         rows.append(score("transplant", None))
+    for r_m, r_f in block_grid:
+        for k, t in params.items():
+            t.copy_(torch.lerp(father[k], mother[k], r_m if in_mother_layers[k] else r_f))
+        rows.append(score(_blocks_name(r_m, r_f), None))
     return MergeTable(
         pair=pair,
         split=split,
@@ -166,11 +181,17 @@ def format_table(table: MergeTable) -> str:
     order = ["father", "mother"] + [r.name for r in table.rows if r.name not in ("father", "mother")]
     for name in order:
         r = table.row(name)
-        label = {
-            "father": f"father (layers {_span(table.father_layers)})",
-            "mother": f"mother (layers {_span(table.mother_layers)})",
-            "transplant": f"transplant: mother's layers {_span(table.mother_layers)}, father's rest",
-        }.get(name, f"uniform {name}")
+        if name == "father":
+            label = f"father (layers {_span(table.father_layers)})"
+        elif name == "mother":
+            label = f"mother (layers {_span(table.mother_layers)})"
+        elif name == "transplant":
+            label = f"transplant: mother's layers {_span(table.mother_layers)}, father's rest"
+        elif name.startswith("blocks "):
+            r_m, r_f = name.removeprefix("blocks ").split("/")
+            label = f"two-block: r={r_m} in layers {_span(table.mother_layers)}, r={r_f} in {_span(table.father_layers)}"
+        else:
+            label = f"uniform {name}"
         cells = [f"{100 * r.scores[s]:.1f}" for s in table.skills] + [f"**{100 * r.mean:.1f}**"]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)

@@ -139,14 +139,11 @@ class Encoder:
 
 
 def training_mixture(spec: TrainSpec, zoo_skills: list[str]) -> dict[str, float]:
-    """Skill -> sampling weight: ``1 - replay`` shared equally by ``spec.skills`` (all zoo skills when
-    empty), ``replay`` shared equally by the other zoo skills."""
-    own = list(spec.skills or zoo_skills)
-    rest = [s for s in zoo_skills if s not in own]
-    replay = spec.replay if rest else 0.0
-    mix = {s: (1.0 - replay) / len(own) for s in own}
-    mix.update({s: replay / len(rest) for s in rest} if replay > 0 else {})
-    return mix
+    """Skill -> sampling probability of a member's training items: ``spec.skills`` normalised (zero
+    weights dropped), or every zoo skill equally when it is empty."""
+    weights = {s: float(w) for s, w in spec.skills.items() if w > 0} if spec.skills else dict.fromkeys(zoo_skills, 1.0)
+    total = sum(weights.values())
+    return {s: w / total for s, w in weights.items()}
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
