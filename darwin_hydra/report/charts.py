@@ -68,7 +68,9 @@ def benchmark_bars(table: Mapping[str, Mapping[str, tuple[float, float, float]]]
     for i, m in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(tasks))]
         acc = [table[m][t][0] for t in tasks]
-        err = [[table[m][t][0] - table[m][t][1] for t in tasks], [table[m][t][2] - table[m][t][0] for t in tasks]]
+        # max(0, .): a Wilson bound at 0% or 100% can land a rounding error on the wrong side of the estimate
+        err = [[max(0.0, table[m][t][0] - table[m][t][1]) for t in tasks],
+               [max(0.0, table[m][t][2] - table[m][t][0]) for t in tasks]]
         ax.bar(xs, acc, width, yerr=err, capsize=3, label=m)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=20, fontsize=8)
