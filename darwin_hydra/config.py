@@ -34,7 +34,8 @@ class ParentsConfig:
     trust_remote_code: bool = False
     # dtype the parents are loaded in for scans and search trials (the export keeps the parents' dtype).
     dtype: str = "float32"
-    # what the mother is better at (a probe-set name), used by reports; None = infer from the scan
+    # the probe set the mother is known to be better at (e.g. REASONING): the MRI assigns it to her
+    # instead of inferring who owns which set, and the proxy follows her there; None = inferred
     mother_skill: Optional[str] = None
 
 
@@ -74,6 +75,11 @@ class OptimizerConfig:
     phase1_trials: int = 60
     proxy: str = "teacher_kl"
     proxy_prompts: int = 16
+    # who teaches each probe set: "mri" (the scan's assignment, parents.mother_skill first) or "nll"
+    # (the parent with the lower NLL on the prompts); the KL is taken on that many of the teacher's
+    # greedy answer tokens (0: on the prompt tokens)
+    proxy_teacher: str = "mri"
+    proxy_answer_tokens: int = 8
     # phase 2: benchmark (lm-eval, dev split) on the best phase-1 genomes, then further CMA-ES steps
     phase2_top_k: int = 4
     phase2_trials: int = 16

@@ -3,12 +3,19 @@
 Darwin's own phase-1 proxy was a heuristic on the genome alone. Ours looks at the child's outputs,
 in memory, on the probe prompts:
 
-    teacher(p)  = the parent with the lower mean next-token NLL on probe set p
-    proxy(child) = - mean_p  mean_tokens  KL( P_teacher(p) || P_child )
+    teacher(p)   = the parent that owns probe set p: the MRI's assignment (``teacher_of``; the
+                   mother owns ``parents.mother_skill`` when given), else the parent with the
+                   lower mean next-token NLL on the prompts
+    answer(p)    = the teacher's own greedy continuation of each prompt (``answer_tokens`` tokens,
+                   up to its end-of-sequence token), generated once
+    proxy(child) = - mean_p  mean_answer_tokens  KL( P_teacher(p) || P_child )
 
-so a child scores well when it behaves like the father where the father is better and like the
-mother where she is. For large vocabularies the teacher distribution is truncated to its top-k
-tokens (renormalised): the cost per trial is one forward pass of the child over the probe prompts.
+so a child scores well when it answers like the father where the father is better and like the
+mother where she is. The KL is taken where the skill is exercised, on the answer: on the prompt
+tokens (``answer_tokens=0``, the first version) it mostly measures how each model predicts the
+question's text, and the zoo's father and mother differ there in ways unrelated to their skills.
+For large vocabularies the teacher distribution is truncated to its top-k tokens (renormalised):
+the cost per trial is one forward pass of the child over prompts and answers.
 """
 
 from __future__ import annotations
@@ -38,19 +45,58 @@ class _Teacher:
 
 
 def _batch(tokenizer, texts: list[str], max_length: int) -> _Batch:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    # Left padding: every prompt ends at the last column, so answers are appended as whole columns.
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    finally:
+        tokenizer.padding_side = side
     return _Batch(enc["input_ids"], enc["attention_mask"])
 
 
 @torch.no_grad()
 def logprobs(model, batch: _Batch) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
+    """``(B, T-1, V)`` next-token log-probs of ``model`` on ``batch`` (positions from the attention mask,
+    so left padding does not shift them)."""
+    mask = batch.attention_mask.to(model.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch.input_ids.to(model.device), attention_mask=mask, position_ids=positions)
     return F.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
+
+
+def greedy_answers(logprobs_fn, batch: _Batch, n_tokens: int, eos_id: int | None, pad_id: int) -> tuple[_Batch, torch.Tensor]:
+    """Extend the left-padded ``batch`` by ``n_tokens`` greedy tokens of the model behind ``logprobs_fn``.
+
+    Returns the extended batch and a ``(B, T'-1)`` mask of the log-prob positions that predict an
+    answer token (up to and including the end-of-sequence token; nothing after it)."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    predicts_answer = torch.zeros_like(mask[:, 1:], dtype=torch.bool)
+    for _ in range(n_tokens):
+        # one padding column, masked: the log-probs at the last real position are the next token's
+        probe = _Batch(torch.cat([ids, torch.full_like(ids[:, :1], pad_id)], 1), torch.cat([mask, torch.zeros_like(mask[:, :1])], 1))
+        nxt = logprobs_fn(probe)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        predicts_answer = torch.cat([predicts_answer, (~done).unsqueeze(1)], 1)
+        ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
+        mask = torch.cat([mask, (~done).long().unsqueeze(1).to(mask.dtype)], 1)
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+    return _Batch(ids, mask), predicts_answer
+
+
+def _real_targets(batch: _Batch) -> torch.Tensor:
+    """``(B, T-1)``: positions where a real token predicts a real token (not from or to padding)."""
+    mask = batch.attention_mask.bool()
+    return mask[:, :-1] & mask[:, 1:]
 
 
 def _nll(logp: torch.Tensor, batch: _Batch) -> float:
     target = batch.input_ids[:, 1:]
-    mask = batch.attention_mask[:, 1:].bool()
+    mask = _real_targets(batch)
     tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return float(-(tok[mask]).mean())
 
@@ -67,25 +113,39 @@ class TeacherKLProxy:
         mother_logprobs_fn,
         max_length: int = 64,
         top_k: int = 64,
+        teacher_of: dict[str, str] | None = None,
+        answer_tokens: int = 0,
     ):
         """``*_logprobs_fn(batch) -> (B, T-1, V) log-probs``: run the parent on a batch (for the
-        in-memory search: load the parent into the trial model, then call ``logprobs``)."""
+        in-memory search: load the parent into the trial model, then call ``logprobs``).
+        ``teacher_of``: probe set -> ``father``/``mother`` (sets not in it: the lower-NLL parent).
+        ``answer_tokens``: > 0 scores the KL on that many greedy answer tokens of the teacher."""
         if getattr(tokenizer, "pad_token", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.batches = {p: _batch(tokenizer, texts, max_length) for p, texts in prompts.items() if texts}
         if not self.batches:
             raise ValueError("proxy fitness needs at least one probe set with prompts (probes.sets)")
+        teacher_of = dict(teacher_of or {})
+        if bad := {p: t for p, t in teacher_of.items() if t not in ("father", "mother")}:
+            raise ValueError(f"proxy teachers must be 'father' or 'mother'; got {bad}")
+        fns = {"father": father_logprobs_fn, "mother": mother_logprobs_fn}
         self.teachers: dict[str, _Teacher] = {}
         for p, b in self.batches.items():
             lf, lm = father_logprobs_fn(b), mother_logprobs_fn(b)
             nll = {"father": _nll(lf, b), "mother": _nll(lm, b)}
-            parent = "mother" if nll["mother"] < nll["father"] else "father"
-            logp = lm if parent == "mother" else lf
+            parent = teacher_of.get(p) or ("mother" if nll["mother"] < nll["father"] else "father")
+            logp, scored = (lm if parent == "mother" else lf), _real_targets(b)
+            if answer_tokens > 0:
+                b, scored = greedy_answers(fns[parent], b, answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                self.batches[p] = b
+                logp = fns[parent](b)
             k = min(top_k, logp.shape[-1])
             vals, idx = logp.topk(k, dim=-1)
             vals = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
-            self.teachers[p] = _Teacher(parent, idx, vals, b.attention_mask[:, 1:].bool(), nll)
-            log.info("proxy: probe set %s follows the %s (NLL father %.3f, mother %.3f)", p, parent, nll["father"], nll["mother"])
+            self.teachers[p] = _Teacher(parent, idx, vals, scored, nll)
+            how = "the MRI" if p in teacher_of else "lower NLL"
+            log.info("proxy: probe set %s follows the %s (%s; prompt NLL father %.3f, mother %.3f)",
+                     p, parent, how, nll["father"], nll["mother"])
 
     @property
     def teacher_of(self) -> dict[str, str]:

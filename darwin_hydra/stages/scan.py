@@ -30,6 +30,9 @@ def ensure_scan(ctx: RunContext):
             resolve=ctx.resolve,
             cache_dir=ctx.cache_dir / "scans",
             out_dir=ctx.run_dir / "scan",
+            # what the user knows beats what the scan infers: the mother's skill, the common base
+            mother_sets=[str(skill)] if (skill := ctx.cfg.parents.mother_skill) else None,
+            base_path=ctx.parent_path("base"),
         )
     return ctx.artifacts["scan"]
 

@@ -65,6 +65,10 @@ class SearchStage(Stage):
         cfg, opt = ctx.cfg, ctx.cfg.optimizer
         if opt.proxy != "teacher_kl":
             raise ValueError(f"optimizer.proxy={opt.proxy!r}: the proxy implemented is 'teacher_kl'")
+        if opt.proxy_teacher not in ("mri", "nll"):
+            raise ValueError(f"optimizer.proxy_teacher={opt.proxy_teacher!r}: use 'mri' or 'nll'")
+        if int(opt.proxy_answer_tokens) < 0:
+            raise ValueError(f"optimizer.proxy_answer_tokens={opt.proxy_answer_tokens}: use 0 (prompt tokens) or more")
         check_honest_split(cfg.benchmark)
         scan = ensure_scan(ctx)
         father = ctx.readers()["father"]
@@ -84,8 +88,13 @@ class SearchStage(Stage):
 
             return fn
 
+        teacher_of = None
+        if opt.proxy_teacher == "mri":
+            owned = set(scan.prescription.mother_sets)
+            teacher_of = {p: "mother" if p in owned else "father" for p in prompts}
         proxy = TeacherKLProxy(
-            session.tokenizer, prompts, parent_logprobs(0.0), parent_logprobs(1.0), max_length=int(cfg.probes.max_length)
+            session.tokenizer, prompts, parent_logprobs(0.0), parent_logprobs(1.0), max_length=int(cfg.probes.max_length),
+            teacher_of=teacher_of, answer_tokens=int(opt.proxy_answer_tokens),
         )
 
         def proxy_fitness(genes):
