@@ -76,7 +76,7 @@ def benchmark_bars(table: Mapping[str, Mapping[str, tuple[float, float, float]]]
     ax.set_xticklabels(tasks, rotation=20, fontsize=8)
     ax.set_ylabel("accuracy (test split, %)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, ncol=len(models))
+    ax.legend(fontsize=8, ncol=len(models), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return _save(fig, path)
 
 
@@ -90,12 +90,13 @@ def layer_ratios(per_layer: Mapping[str, Sequence[float]], transplanted: Mapping
     ax.axhline(0.5, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("layer")
     ax.set_ylabel("ratio r (0 father, 1 mother)")
-    if transplanted:
+    if any(sum(counts) for counts in transplanted.values()):  # no empty axis when nothing was transplanted
         ax2 = ax.twinx()
         width = 0.35
         for i, (who, counts) in enumerate(transplanted.items()):
             ax2.bar([l + (i - 0.5) * width for l in range(len(counts))], counts, width, alpha=0.25, label=f"from {who}")
         ax2.set_ylabel("transplanted tensors")
+        ax2.set_ylim(bottom=0)
         ax2.legend(fontsize=7, loc="upper right")
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
