@@ -67,7 +67,7 @@ def model_card(ctx, recipe, report: Mapping[str, Any] | None) -> str:
         "",
         f"# {cfg.parents.name} child ({recipe.genome_hash})",
         "",
-        "Bred by [darwin-hydra](https://github.com/) (diagnostic-guided evolutionary merging, Darwin V5/V6 "
+        "Bred by darwin-hydra (diagnostic-guided evolutionary merging, Darwin V5/V6 "
         "method): the father's breadth, the mother's strength. Scores below are on a test split the "
         "search never saw.",
         "",

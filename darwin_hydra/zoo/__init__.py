@@ -4,15 +4,26 @@
 ``resolve_zoo_uri("zoo://dense/father", cfg, cache_dir)`` maps zoo URIs to paths. See docs/zoo.md.
 """
 
-from darwin_hydra.zoo.build import default_cache_dir, ensure_zoo, load_metadata, resolve_zoo_uri, zoo_root
+from importlib import import_module
+
 from darwin_hydra.zoo.config import ModelSpec, TrainSpec, ZooConfig, zoo_hash
 
+# The builder pulls in transformers (and the table lm-eval): imported on first use, so that the
+# config schema (darwin_hydra.config imports zoo.config) costs no start-up time of every command.
+_LAZY = {
+    "default_cache_dir": "darwin_hydra.zoo.build",
+    "ensure_zoo": "darwin_hydra.zoo.build",
+    "load_metadata": "darwin_hydra.zoo.build",
+    "resolve_zoo_uri": "darwin_hydra.zoo.build",
+    "zoo_root": "darwin_hydra.zoo.build",
+    "uniform_merge_table": "darwin_hydra.zoo.table",
+}
 
-def uniform_merge_table(*args, **kwargs):
-    """See ``darwin_hydra.zoo.table.uniform_merge_table`` (imported lazily: it pulls in lm-eval)."""
-    from darwin_hydra.zoo.table import uniform_merge_table as _table
 
-    return _table(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'darwin_hydra.zoo' has no attribute {name!r}")
 
 
 __all__ = [
