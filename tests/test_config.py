@@ -73,6 +73,19 @@ def test_cli_prints_composed_config_from_any_directory(tmp_path):
     assert p.returncode != 0 and "nope" in p.stderr
 
 
+def test_mother_skill_outside_the_probe_sets_is_refused_before_any_work(tmp_path):
+    # The Hub presets name the mother's skill (REASONING); with the zoo's probes the run must say so at
+    # once, not after scanning both parents (or, here, before it even looks for their weights).
+    exe = Path(sys.executable).with_name("darwin-hydra")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "darwin_hydra.cli"]
+    p = subprocess.run(cmd + ["parents=gemma4_31b", "pipeline.stages=[scan]", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert p.returncode != 0
+    assert "parents.mother_skill='REASONING' is not a probe set of probes=zoo" in p.stderr
+    assert "probes=darwin_v6" in p.stderr
+    assert not (tmp_path / "run" / "scan" / "scan.json").exists()
+
+
 def test_every_subpackage_is_listed_in_pyproject():
     import tomllib
 

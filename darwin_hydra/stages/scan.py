@@ -21,6 +21,13 @@ def ensure_scan(ctx: RunContext):
             ctx.artifacts["scan"] = MriResult.load(saved)
             return ctx.artifacts["scan"]
 
+        skill = ctx.cfg.parents.mother_skill
+        if skill and skill not in ctx.cfg.probes.sets:
+            raise ValueError(
+                f"parents.mother_skill={skill!r} is not a probe set of probes={ctx.cfg.probes.name} "
+                f"({sorted(ctx.cfg.probes.sets)}): choose probes with that set (e.g. probes=darwin_v6 for "
+                f"the Hub presets), one of those sets, or parents.mother_skill=null to infer it"
+            )
         ctx.check_parents()
         ctx.artifacts["scan"] = run_scan(
             ctx.parent_path("father"),
