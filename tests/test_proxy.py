@@ -30,6 +30,8 @@ def test_left_padded_logprobs_equal_each_prompt_alone(tok):
     batch = _batch(tok, PROMPTS, 64)
     assert (batch.attention_mask[:, -1] == 1).all()  # left padding: every prompt ends at the last column
     lp = logprobs(model, batch)
+    # keep=k: the model computes only the last k positions' logits, and they are the same numbers
+    torch.testing.assert_close(logprobs(model, batch, keep=3), lp[:, -3:], atol=1e-5, rtol=1e-4)
     for i, text in enumerate(PROMPTS):
         alone = _batch(tok, [text], 64)
         n = alone.input_ids.shape[1]
@@ -39,7 +41,7 @@ def test_left_padded_logprobs_equal_each_prompt_alone(tok):
 def test_greedy_answers_equal_generate_and_stop_at_eos(tok):
     model = _model(1, tok)
     batch = _batch(tok, PROMPTS, 64)
-    ext, predicts = greedy_answers(lambda b: logprobs(model, b), batch, 5, tok.eos_token_id, tok.pad_token_id)
+    ext, predicts = greedy_answers(lambda b, keep=0: logprobs(model, b, keep), batch, 5, tok.eos_token_id, tok.pad_token_id)
     T = batch.input_ids.shape[1]
     assert predicts[:, : T - 1].sum() == 0  # prompt positions are never scored
     for i, text in enumerate(PROMPTS):
@@ -59,16 +61,17 @@ def test_greedy_answers_equal_generate_and_stop_at_eos(tok):
 def test_proxy_follows_the_assigned_teacher(tok, answer_tokens):
     father, mother = _model(2, tok), _model(3, tok)
     prompts = {"MATH": PROMPTS[:2], "LANGUAGE": PROMPTS[2:]}
-    proxy = TeacherKLProxy(tok, prompts, lambda b: logprobs(father, b), lambda b: logprobs(mother, b),
+    proxy = TeacherKLProxy(tok, prompts, lambda b, keep=0: logprobs(father, b, keep), lambda b, keep=0: logprobs(mother, b, keep),
                            teacher_of={"MATH": "mother", "LANGUAGE": "father"}, answer_tokens=answer_tokens)
     assert proxy.teacher_of == {"MATH": "mother", "LANGUAGE": "father"}
     math = proxy.teachers["MATH"]
     if answer_tokens:
         assert int(math.mask.sum()) <= answer_tokens * len(prompts["MATH"])
+        assert math.mask.shape[1] == proxy.keep["MATH"] <= answer_tokens  # only answer positions are kept
     # a child equal to the teacher of a set has KL 0 there; the other parent does not
-    single = TeacherKLProxy(tok, {"MATH": prompts["MATH"]}, lambda b: logprobs(father, b), lambda b: logprobs(mother, b),
+    single = TeacherKLProxy(tok, {"MATH": prompts["MATH"]}, lambda b, keep=0: logprobs(father, b, keep), lambda b, keep=0: logprobs(mother, b, keep),
                             teacher_of={"MATH": "mother"}, answer_tokens=answer_tokens, top_k=len(tok))
     assert single.score(mother) == pytest.approx(0.0, abs=1e-5)
     assert single.score(father) < -1e-3
     with pytest.raises(ValueError, match="father' or 'mother"):
-        TeacherKLProxy(tok, prompts, lambda b: logprobs(father, b), lambda b: logprobs(mother, b), teacher_of={"MATH": "uncle"})
+        TeacherKLProxy(tok, prompts, lambda b, keep=0: logprobs(father, b, keep), lambda b, keep=0: logprobs(mother, b, keep), teacher_of={"MATH": "uncle"})

@@ -56,17 +56,28 @@ def _batch(tokenizer, texts: list[str], max_length: int) -> _Batch:
 
 
 @torch.no_grad()
-def logprobs(model, batch: _Batch) -> torch.Tensor:
+def logprobs(model, batch: _Batch, keep: int = 0) -> torch.Tensor:
     """``(B, T-1, V)`` next-token log-probs of ``model`` on ``batch`` (positions from the attention mask,
-    so left padding does not shift them)."""
+    so left padding does not shift them); with ``keep`` > 0 only the last ``keep`` of those positions,
+    ``(B, keep, V)``: the model computes logits for them alone (``logits_to_keep``), which for a
+    262k-token vocabulary is the difference between a few MB and GBs a probe batch."""
     mask = batch.attention_mask.to(model.device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch.input_ids.to(model.device), attention_mask=mask, position_ids=positions)
-    return F.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
+    inputs = dict(input_ids=batch.input_ids.to(model.device), attention_mask=mask, position_ids=positions)
+    if keep > 0:
+        try:
+            logits = model(**inputs, logits_to_keep=keep + 1).logits
+        except TypeError:  # a model class without logits_to_keep: compute all, keep the tail
+            logits = model(**inputs).logits
+        logits = logits[:, -(keep + 1):]
+    else:
+        logits = model(**inputs).logits
+    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
 
 
 def greedy_answers(logprobs_fn, batch: _Batch, n_tokens: int, eos_id: int | None, pad_id: int) -> tuple[_Batch, torch.Tensor]:
-    """Extend the left-padded ``batch`` by ``n_tokens`` greedy tokens of the model behind ``logprobs_fn``.
+    """Extend the left-padded ``batch`` by ``n_tokens`` greedy tokens of the model behind ``logprobs_fn``
+    (called as ``logprobs_fn(batch, keep)``, see ``logprobs``).
 
     Returns the extended batch and a ``(B, T'-1)`` mask of the log-prob positions that predict an
     answer token (up to and including the end-of-sequence token; nothing after it)."""
@@ -76,7 +87,7 @@ def greedy_answers(logprobs_fn, batch: _Batch, n_tokens: int, eos_id: int | None
     for _ in range(n_tokens):
         # one padding column, masked: the log-probs at the last real position are the next token's
         probe = _Batch(torch.cat([ids, torch.full_like(ids[:, :1], pad_id)], 1), torch.cat([mask, torch.zeros_like(mask[:, :1])], 1))
-        nxt = logprobs_fn(probe)[:, -1].argmax(-1)
+        nxt = logprobs_fn(probe, 1)[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         predicts_answer = torch.cat([predicts_answer, (~done).unsqueeze(1)], 1)
         ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
@@ -116,8 +127,9 @@ class TeacherKLProxy:
         teacher_of: dict[str, str] | None = None,
         answer_tokens: int = 0,
     ):
-        """``*_logprobs_fn(batch) -> (B, T-1, V) log-probs``: run the parent on a batch (for the
-        in-memory search: load the parent into the trial model, then call ``logprobs``).
+        """``*_logprobs_fn(batch, keep=0) -> (B, T-1, V) log-probs`` (the last ``keep`` positions when
+        > 0): run the parent on a batch (for the in-memory search: load the parent into the trial
+        model, then call ``logprobs``).
         ``teacher_of``: probe set -> ``father``/``mother`` (sets not in it: the lower-NLL parent).
         ``answer_tokens``: > 0 scores the KL on that many greedy answer tokens of the teacher."""
         if getattr(tokenizer, "pad_token", None) is None:
@@ -129,6 +141,7 @@ class TeacherKLProxy:
         if bad := {p: t for p, t in teacher_of.items() if t not in ("father", "mother")}:
             raise ValueError(f"proxy teachers must be 'father' or 'mother'; got {bad}")
         fns = {"father": father_logprobs_fn, "mother": mother_logprobs_fn}
+        self.keep: dict[str, int] = {}  # probe set -> answer positions scored (0: every position)
         self.teachers: dict[str, _Teacher] = {}
         for p, b in self.batches.items():
             lf, lm = father_logprobs_fn(b), mother_logprobs_fn(b)
@@ -136,9 +149,13 @@ class TeacherKLProxy:
             parent = teacher_of.get(p) or ("mother" if nll["mother"] < nll["father"] else "father")
             logp, scored = (lm if parent == "mother" else lf), _real_targets(b)
             if answer_tokens > 0:
+                prompt_len = b.input_ids.shape[1]
                 b, scored = greedy_answers(fns[parent], b, answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 self.batches[p] = b
-                logp = fns[parent](b)
+                # only the answer positions are scored: keep just those logits, now and every trial
+                self.keep[p] = b.input_ids.shape[1] - prompt_len
+                scored = scored[:, -self.keep[p]:]
+                logp = fns[parent](b, self.keep[p])
             k = min(top_k, logp.shape[-1])
             vals, idx = logp.topk(k, dim=-1)
             vals = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
@@ -157,7 +174,7 @@ class TeacherKLProxy:
         kls = []
         for p, b in self.batches.items():
             t = self.teachers[p]
-            child = logprobs(model, b).gather(-1, t.topk_idx)
+            child = logprobs(model, b, self.keep.get(p, 0)).gather(-1, t.topk_idx)
             kl = (t.topk_logp.exp() * (t.topk_logp - child)).sum(-1)
             kls.append(float(kl[t.mask].mean()))
         return -sum(kls) / len(kls)

@@ -82,9 +82,9 @@ class SearchStage(Stage):
         prompts = load_probe_prompts(ctx, int(opt.proxy_prompts))
 
         def parent_logprobs(ratio):
-            def fn(batch):
+            def fn(batch, keep=0):
                 session.apply_uniform(ratio)
-                return logprobs(session.model, batch)
+                return logprobs(session.model, batch, keep)
 
             return fn
 
