@@ -39,6 +39,7 @@ def main() -> None:
     from darwin_hydra.mri.scan import run_scan
     from darwin_hydra.zoo import default_cache_dir, ensure_zoo, load_metadata, resolve_zoo_uri
     from darwin_hydra.zoo.config import load_zoo_config
+    from darwin_hydra.zoo.table import uniform_merge_table
     from darwin_hydra.zoo.tasks import task_name
 
     zcfg = load_zoo_config("default")
@@ -59,22 +60,14 @@ def main() -> None:
         cells = [f"{100 * res.tasks[task_name(s, args.split)].accuracy:.1f}" for s in skills]
         print(f"| {label} | " + " | ".join(cells) + f" | **{100 * res.mean:.1f}** | {extra} |", flush=True)
 
+    # the parents and the best uniform merge, from the zoo's own fairness table (no hand-built rows)
+    table = uniform_merge_table(root, pair=args.pair, split=args.split, transplant=False, block_grid=())
+    best = max((r for r in table.children if r.ratio is not None), key=lambda r: r.mean)
     print(f"| model ({args.pair}, {args.split}) | " + " | ".join(skills) + " | mean | per-layer r_mri |")
     print("|" + "---|" * (len(skills) + 3))
-    best = None
-    for r in [i / 10 for i in range(11)]:
-        with torch.no_grad():
-            for k, t in params.items():
-                t.copy_(torch.lerp(father[k], mother[k], r))
-        res = evaluate_model(child, tok, tasks, root / "tasks")
-        if r in (0.0, 1.0):
-            score({0.0: "father", 1.0: "mother"}[r])
-        elif best is None or res.mean > best[1]:
-            best = (r, res.mean)
-    with torch.no_grad():
-        for k, t in params.items():
-            t.copy_(torch.lerp(father[k], mother[k], best[0]))
-    score(f"best uniform, r = {best[0]:.1f}")
+    for label, row in (("father", table.father), ("mother", table.mother), (f"best uniform, r = {best.ratio:.1f}", best)):
+        cells = [f"{100 * row.scores[s]:.1f}" for s in skills]
+        print(f"| {label} | " + " | ".join(cells) + f" | **{100 * row.mean:.1f}** |  |", flush=True)
 
     probes = probes_config(OmegaConf.load(CONF / "probes" / "zoo.yaml"))
     base = f"zoo://{args.pair}/base"

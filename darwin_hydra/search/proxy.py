@@ -41,7 +41,7 @@ class _Teacher:
     topk_idx: torch.Tensor  # (B, T-1, k) long
     topk_logp: torch.Tensor  # (B, T-1, k) float32, renormalised over the k tokens
     mask: torch.Tensor  # (B, T-1) bool, positions that predict a real token
-    nll: dict[str, float]
+    nll: dict[str, float]  # prompt NLL per parent, when the teacher was chosen by it
 
 
 def _batch(tokenizer, texts: list[str], max_length: int) -> _Batch:
@@ -144,10 +144,16 @@ class TeacherKLProxy:
         self.keep: dict[str, int] = {}  # probe set -> answer positions scored (0: every position)
         self.teachers: dict[str, _Teacher] = {}
         for p, b in self.batches.items():
-            lf, lm = father_logprobs_fn(b), mother_logprobs_fn(b)
-            nll = {"father": _nll(lf, b), "mother": _nll(lm, b)}
-            parent = teacher_of.get(p) or ("mother" if nll["mother"] < nll["father"] else "father")
-            logp, scored = (lm if parent == "mother" else lf), _real_targets(b)
+            nll: dict[str, float] = {}
+            logp = None
+            if p in teacher_of:
+                parent = teacher_of[p]
+            else:  # only an unassigned set needs both parents' full log-probs, to compare their loss
+                full = {"father": father_logprobs_fn(b), "mother": mother_logprobs_fn(b)}
+                nll = {who: _nll(lp, b) for who, lp in full.items()}
+                parent = "mother" if nll["mother"] < nll["father"] else "father"
+                logp = full[parent]
+            scored = _real_targets(b)
             if answer_tokens > 0:
                 prompt_len = b.input_ids.shape[1]
                 b, scored = greedy_answers(fns[parent], b, answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -156,13 +162,14 @@ class TeacherKLProxy:
                 self.keep[p] = b.input_ids.shape[1] - prompt_len
                 scored = scored[:, -self.keep[p]:]
                 logp = fns[parent](b, self.keep[p])
+            elif logp is None:
+                logp = fns[parent](b)
             k = min(top_k, logp.shape[-1])
             vals, idx = logp.topk(k, dim=-1)
             vals = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
             self.teachers[p] = _Teacher(parent, idx, vals, scored, nll)
-            how = "the MRI" if p in teacher_of else "lower NLL"
-            log.info("proxy: probe set %s follows the %s (%s; prompt NLL father %.3f, mother %.3f)",
-                     p, parent, how, nll["father"], nll["mother"])
+            how = "the MRI" if p in teacher_of else f"lower prompt NLL: father {nll['father']:.3f}, mother {nll['mother']:.3f}"
+            log.info("proxy: probe set %s follows the %s (%s)", p, parent, how)
 
     @property
     def teacher_of(self) -> dict[str, str]:

@@ -364,8 +364,8 @@ def build_zoo(cfg: ZooConfig, out: str | Path, final_root: str | Path | None = N
                 "path": f"{pair}/{role}",
                 **({"upcycled_from": "dense/base"} if role == "base" and _upcycled(cfg, pair) else {}),
                 "trained_layers": trainable_layers(tspec.layers, n_layers),
-                "train_skills": list(training_mixture(tspec, list(cfg.skills))),
-                "train_mixture": training_mixture(tspec, list(cfg.skills)),
+                "train_skills": list(mixture := training_mixture(tspec, list(cfg.skills))),
+                "train_mixture": mixture,
                 "train": {k: v for k, v in trained[(pair, role)].items() if k not in ("pair", "role")},
             }
             if role != "base":
