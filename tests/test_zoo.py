@@ -199,6 +199,40 @@ def test_config_errors_name_the_option():
         validate(ZooConfig(father=TrainSpec(layers="middle")))
     with pytest.raises(Exception, match="not_a_field"):
         load_zoo_config("tiny", ["not_a_field=1"])
+    with pytest.raises(ValueError, match="zoo.mother.keep: 'poetry'"):
+        validate(ZooConfig(mother=TrainSpec(layers="lower", keep={"poetry": 1.0}, keep_weight=1.0)))
+    with pytest.raises(ValueError, match="zoo.father: keep_weight=1.0"):
+        validate(ZooConfig(father=TrainSpec(layers="upper", keep_weight=1.0)))
+    with pytest.raises(ValueError, match="zoo.base.keep_weight"):
+        validate(ZooConfig(base=TrainSpec(keep={"add": 1.0}, keep_weight=1.0)))
+
+
+def test_keep_term_measures_drift_at_the_end_of_the_trained_span(tiny_root):
+    """The keep loss is 0 for the starting checkpoint itself, grows when a trained layer moves, and
+    only the member's trained layers receive its gradient (its reference stays frozen)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from darwin_hydra.zoo.train import Encoder, TrainJob, _freeze_except, _Keep
+    from darwin_hydra.zoo.tokenizer import char_tokenizer
+
+    cfg = load_zoo_config("tiny")
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "dense" / "base", dtype=torch.float32)
+    spec = TrainSpec(layers="lower", keep={"rev": 1.0}, keep_weight=1.0, keep_batch_size=8)
+    job = TrainJob("dense", "mother", cfg.dense, spec, list(cfg.skills), SkillParams(), frozenset(), 0, "unused")
+    _freeze_except(model, "lower")
+    keep = _Keep(model, job, SkillParams())
+    assert keep.index == cfg.dense.num_layers // 2  # the input of the first layer the mother leaves alone
+    enc = Encoder(char_tokenizer())
+    assert keep.loss(model, enc).item() == 0.0
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    loss = keep.loss(model, enc)
+    assert loss.item() > 0
+    loss.backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.layers[-1].parameters())
+    assert all(not p.requires_grad for p in keep.ref.parameters())
 
 
 def test_splits_are_disjoint_and_training_never_sees_them():
@@ -236,9 +270,8 @@ def test_skill_answers_are_right():
 @pytest.mark.slow
 def test_default_zoo_is_a_fair_stage_for_merging():
     """Issue criteria 4a/4b on the test split, scored by lm-eval: the mother leads by >= 30 on her skill,
-    the father by >= 20 on another (4a); a child beats both parents' skill average, and a per-layer
-    (two-block) child does better than every uniform merge. Measured margins (README): dense +3.8 and
-    MoE +3.1 points, short of the issue's 5, so the bound here is what the zoo gives, not the goal.
+    the father by >= 20 on another (4a); some merge beats the better parent's skill average by >= 5
+    (4b), and a per-layer (two-block) child does better than every uniform merge.
     Builds the default zoo once per machine (cache: $DARWIN_HYDRA_CACHE or ~/.cache/darwin_hydra)."""
     from darwin_hydra.zoo.table import fairness, format_table, uniform_merge_table
 
@@ -252,7 +285,7 @@ def test_default_zoo_is_a_fair_stage_for_merging():
         assert verdict["4a"], report
         assert verdict["mother_gain_on_her_skill"] >= 30, report
         assert max(verdict["father_gain_by_skill"].values()) >= 20, report
-        assert verdict["best_child_margin"] >= 2.5, report
+        assert verdict["4b"] and verdict["best_child_margin"] >= 5, report
         assert verdict["best_child_margin"] > verdict["best_uniform_margin"], report
         for row in table.rows:  # every task was scored on all of its items
             assert all(s.n == cfg.test_items for s in row.result.tasks.values())

@@ -53,6 +53,12 @@ class TrainSpec:
     ``router_aux_loss``: keep the MoE load-balancing loss on (the base) or off (a specialising
     fine-tune, which lets routing concentrate on few experts); ``router_lr_scale`` multiplies the
     learning rate of the MoE routers.
+    ``keep`` / ``keep_weight``: a fine-tune that keeps what it is not about (feature distillation, as
+    in continual learning): each step also draws ``keep_batch_size`` items of the ``keep`` skills
+    (skill -> weight) and adds ``keep_weight`` times the mean squared distance, relative to the
+    reference's mean square, between the member's hidden state where its trained span ends and the
+    starting checkpoint's (frozen) on those items. A ``lower`` member then changes what its upper
+    layers read only where its own skill needs it. Off when ``keep_weight`` is 0.
     """
 
     steps: int = 1000
@@ -66,6 +72,9 @@ class TrainSpec:
     carry_out: bool = True
     router_aux_loss: bool = True
     router_lr_scale: float = 1.0
+    keep: dict[str, float] = field(default_factory=dict)
+    keep_weight: float = 0.0
+    keep_batch_size: int = 32
 
 
 @dataclass
@@ -114,16 +123,23 @@ class ZooConfig:
             steps=400, lr=1e-3, warmup_steps=100, skills={"add": 1.0, "sort": 0.5, "map": 1.0}, carry_out=False,
         )
     )
-    # The father: the broad model, better at rev (and sort), upper half of the layers.
+    # The father: the broad model, better at rev (and sort), upper half of the layers; he keeps the
+    # base's behaviour on add (feature distillation), so his upper layers still read an adder's lower ones.
     father: TrainSpec = field(
-        default_factory=lambda: TrainSpec(steps=300, lr=2e-3, layers="upper", skills={"rev": 1.0, "sort": 0.2, "map": 0.2})
+        default_factory=lambda: TrainSpec(
+            steps=300, lr=2e-3, layers="upper", skills={"rev": 1.0, "sort": 0.2, "map": 0.2},
+            keep={"add": 1.0}, keep_weight=3.0,
+        )
     )
-    # The mother: add with carries, lower half, keeping a little general data (a trace of rev: she stays
-    # well below the father there).
+    # The mother: add with carries, lower half, with a little general data; she keeps what her lower
+    # layers hand on for sort and map, and only partly for rev (keep weight 0.3): she loses ground on rev
+    # while her lower layers stay readable by the father's upper ones. In the MoE pair her routers learn
+    # 20x faster and without the balancing loss: routing concentrates and some experts die.
     mother: TrainSpec = field(
         default_factory=lambda: TrainSpec(
-            steps=300, lr=2e-3, layers="lower", skills={"add": 1.0, "rev": 0.03, "sort": 0.3, "map": 0.15},
-            router_aux_loss=False,
+            steps=300, lr=2e-3, layers="lower", skills={"add": 1.0, "sort": 0.3, "map": 0.15},
+            keep={"rev": 0.3, "sort": 1.0, "map": 1.0}, keep_weight=3.0, router_aux_loss=False,
+            router_lr_scale=20.0,
         )
     )
     # An expert is dead on a skill when its routing share is below this fraction of the uniform share k/E.
@@ -163,6 +179,16 @@ def validate(cfg: ZooConfig) -> None:
             raise ValueError(f"zoo.{role}.skills={dict(spec.skills)}: weights must be >= 0 with a positive sum")
         if spec.steps < 1 or spec.batch_size < 1:
             raise ValueError(f"zoo.{role}: steps and batch_size must be >= 1")
+        for s in spec.keep:
+            if s not in cfg.skills:
+                raise ValueError(f"zoo.{role}.keep: {s!r} is not in zoo.skills {cfg.skills}")
+        if spec.keep_weight < 0 or (spec.keep_weight > 0 and (not spec.keep or spec.keep_batch_size < 1)):
+            raise ValueError(
+                f"zoo.{role}: keep_weight={spec.keep_weight} needs keep_weight >= 0, and when > 0 a non-empty "
+                f"keep mixture and keep_batch_size >= 1"
+            )
+        if spec.keep_weight > 0 and role in ("base", "moe_base"):
+            raise ValueError(f"zoo.{role}.keep_weight: only a fine-tune (father, mother) keeps a starting checkpoint")
     if not cfg.pairs or any(p not in ("dense", "moe") for p in cfg.pairs):
         raise ValueError(f"zoo.pairs={cfg.pairs}: list one or both of 'dense', 'moe'")
     for pair in cfg.pairs:

@@ -193,6 +193,34 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class _Keep:
+    """The ``keep`` term of a fine-tune (see ``TrainSpec``): the distance between the member's hidden
+    state at the end of its trained span and the starting checkpoint's, on items of the ``keep`` skills."""
+
+    def __init__(self, model: PreTrainedModel, job: TrainJob, params: SkillParams) -> None:
+        import copy
+
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        layers = trainable_layers(job.train.layers, model.config.num_hidden_layers)
+        # hidden_states[i] is the input of layer i; the last entry is the final (normed) output.
+        self.index = layers[-1] + 1 if layers[-1] + 1 < model.config.num_hidden_layers else -1
+        self.stream = TrainStream(
+            training_mixture(replace(job.train, skills=job.train.keep), job.skills), params,
+            set(job.held_out), job.seed, f"{job.pair}/{job.role}/keep",
+        )
+        self.size = job.train.keep_batch_size
+
+    def loss(self, model: PreTrainedModel, enc: Encoder) -> torch.Tensor:
+        batch = enc(self.stream.batch(self.size))
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            ref = self.ref(**inputs, output_hidden_states=True).hidden_states[self.index]
+        got = model(**inputs, output_hidden_states=True).hidden_states[self.index]
+        mask = batch["attention_mask"].bool()
+        ref, got = ref[mask], got[mask]
+        return (got - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
+
+
 def run_job(job: TrainJob, progress=None) -> dict:
     """Train one member and save it (safetensors, config, tokenizer, generation config) to ``job.out_dir``.
 
@@ -229,13 +257,15 @@ def _run_job(job: TrainJob, progress) -> dict:
     stream = TrainStream(mixture, skill_params, set(job.held_out), job.seed, f"{job.pair}/{job.role}")
     moe = getattr(model.config, "num_experts", 0) or getattr(model.config, "num_local_experts", 0)
     aux = bool(moe) and job.train.router_aux_loss
+    keep = _Keep(model, job, skill_params) if job.train.keep_weight > 0 else None
     losses: list[float] = []
     for step in range(job.train.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, job.train) * group["scale"]
         batch = enc(stream.batch(job.train.batch_size))
         out = model(**batch, output_router_logits=aux) if moe else model(**batch)
-        out.loss.backward()
+        loss = out.loss if keep is None else out.loss + job.train.keep_weight * keep.loss(model, enc)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
