@@ -215,11 +215,30 @@ def test_transplant_and_source_return_the_parent_tensor_itself():
     assert merge_tensor(A, B, None, TensorRecipe(ratio=0.5, t_lo=0.15, t_hi=0.85), 0) is not A
 
 
-def test_rows_from_copies_router_rows():
+def test_rows_from_copies_router_rows_at_the_childs_scale():
     r = TensorRecipe(method="linear", ratio=0.5, rows_from=(("father", (1, 3)),))
     out = merge_tensor(A, B, None, r, 0)
-    assert torch.equal(out[1], A[1]) and torch.equal(out[3], A[3])
+    rest = [i for i in range(A.shape[0]) if i not in (1, 3)]
+    s = out[rest].norm(dim=-1).mean() / A[rest].norm(dim=-1).mean()
+    assert torch.allclose(out[1], A[1] * s) and torch.allclose(out[3], A[3] * s)
     assert torch.allclose(out[0], 0.5 * (A[0] + B[0]))
+    # The father's rows into the father's own tensor: scale exactly 1, bit-identical rows.
+    out = merge_tensor(A, B, None, TensorRecipe(ratio=0.5, source="father", rows_from=(("father", (1,)),)), 0)
+    assert torch.equal(out, A)
+
+
+def test_rows_from_applies_to_a_transplanted_router_too():
+    # Darwin's recipe: the mother's router whole, with the revived experts' rows from the father.
+    big = B * 10
+    r = TensorRecipe(ratio=0.5, source="mother", rows_from=(("father", (2,)),))
+    out = merge_tensor(A, big, None, r, 0)
+    rest = [i for i in range(A.shape[0]) if i != 2]
+    assert torch.equal(out[rest], big[rest])
+    s = big[rest].norm(dim=-1).mean() / A[rest].norm(dim=-1).mean()
+    assert torch.allclose(out[2], A[2] * s)
+    assert not torch.equal(big[2], out[2]) and big.data_ptr() != out.data_ptr()  # the mother's tensor is untouched
+    r_hi = TensorRecipe(ratio=0.95, t_lo=0.15, t_hi=0.85, rows_from=(("father", (2,)),))
+    assert torch.allclose(merge_tensor(A, big, None, r_hi, 0)[2], A[2] * s)
 
 
 @pytest.mark.parametrize("role", ["father", "mother", "base"])

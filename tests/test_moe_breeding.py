@@ -60,13 +60,34 @@ def test_revived_experts_are_the_fathers_bit_for_bit(parents, tmp_path):
             for part in ("gate_proj", "up_proj", "down_proj"):
                 n = f"model.layers.{layer}.mlp.experts.{e}.{part}.weight"
                 assert torch.equal(child.get(n), father.get(n)), n
-        gate = f"model.layers.{layer}.mlp.gate.weight"
-        g_child, g_father = child.get(gate), father.get(gate)
-        for e in range(g_child.shape[0]):
-            assert torch.equal(g_child[e], g_father[e]) == (e in experts), (gate, e)
+        _assert_revived_rows(child, father, layer, experts)
     # a non-revived expert is merged
     n = "model.layers.2.mlp.experts.2.up_proj.weight"
     assert not torch.equal(child.get(n), father.get(n))
+
+
+def _assert_revived_rows(child, father, layer, experts):
+    # The router rows of revived experts are the father's, at the scale of the child's other rows.
+    gate = f"model.layers.{layer}.mlp.gate.weight"
+    g_child, g_father = child.get(gate).float(), father.get(gate).float()
+    rest = [e for e in range(g_child.shape[0]) if e not in experts]
+    s = g_child[rest].norm(dim=-1).mean() / g_father[rest].norm(dim=-1).mean()
+    for e in range(g_child.shape[0]):
+        assert torch.allclose(g_child[e], g_father[e] * s, rtol=1e-2, atol=1e-6) == (e in experts), (gate, e)
+
+
+def test_revival_under_the_mothers_router_takes_the_fathers_rows(parents, tmp_path):
+    # Darwin-35B-A3B's recipe: the mother's routers (B, B, A) and her dead experts revived.
+    base, father, mother = parents
+    sp = space()
+    revive = {1: [3]}
+    rmap = genome_ratio_map(sp, genes(sp), father.names, None, L, None, None,
+                            router_source=["mother", "mother", "father"], revive=revive)
+    child = CheckpointReader(merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", progress=False))
+    _assert_revived_rows(child, father, 1, [3])
+    gate = "model.layers.1.mlp.gate.weight"
+    rest = [e for e in range(child.get(gate).shape[0]) if e != 3]
+    assert torch.equal(child.get(gate)[rest], mother.get(gate)[rest])
 
 
 def test_per_expert_and_fused_layouts_give_the_same_child(parents, tmp_path):

@@ -482,7 +482,10 @@ def merge_tensor(
         check_finite_chunked(t, side, name)
         if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
             t = t.to(out_dtype)
-        return t if device is None else t.to(device)
+        t = t if device is None else t.to(device)
+        if recipe.rows_from:
+            t = _rows_from(t.clone(), recipe.rows_from, father, mother)
+        return t
     if not father.is_floating_point():
         return father if device is None else father.to(device)
     for role, t in (("mother", mother), ("base", base)):
@@ -508,8 +511,28 @@ def merge_tensor(
     P.check_finite()
     out = out.view(P.shape)
     if recipe.rows_from:
-        for who, rows in recipe.rows_from:
-            src = father if who == FATHER else mother
-            idx = torch.tensor(rows, dtype=torch.long)
-            out[idx.to(dev)] = src[idx.to(src.device)].to(device=dev, dtype=out.dtype)
+        out = _rows_from(out, recipe.rows_from, father, mother)
+    return out
+
+
+def _rows_from(out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``out`` (in place) from parent ``who``, scaled by s = mean ||out_j|| / mean
+    ||src_j|| over the other rows j: a router row keeps its direction from the parent it comes from
+    and competes at the scale of the child's router (a fine-tune's router can have rows 10x longer
+    than the base's; an unscaled row from the other parent would then never win a top-k).
+    s is exactly 1 when the other rows are the source's own."""
+    from darwin_hydra.merge.recipe import FATHER
+
+    for who, rows in rows_from:
+        src = father if who == FATHER else mother
+        idx = torch.tensor(sorted(set(rows)), dtype=torch.long)
+        rest = torch.ones(out.shape[0], dtype=torch.bool)
+        rest[idx] = False
+        s = 1.0
+        if bool(rest.any()):
+            num = out[rest.to(out.device)].float().norm(dim=-1).mean()
+            den = src[rest.to(src.device)].float().norm(dim=-1).mean().to(num.device)
+            s = float(num / den) if float(den) > 0 else 1.0
+        rows_src = src[idx.to(src.device)].to(device=out.device, dtype=torch.float32)
+        out[idx.to(out.device)] = (rows_src if s == 1.0 else rows_src * s).to(out.dtype)
     return out

@@ -27,8 +27,9 @@ class TensorRecipe:
     ``method_weight`` w blends the method with ``blend_method``: child = w*method + (1-w)*blend.
     Transplant: r < t_lo takes the father's tensor as is, r > t_hi the mother's (None = never).
     ``source`` forces a whole tensor from "father" or "mother" whatever r is (router source,
-    revived experts); ``rows_from`` copies listed rows from a parent after merging
-    (e.g. the router rows of revived experts).
+    revived experts); ``rows_from`` copies listed rows from a parent after merging or
+    transplanting, scaled to the mean row norm of the child's other rows (the router rows of
+    revived experts; ``methods._rows_from``).
     """
 
     method: str = "dare_ties"

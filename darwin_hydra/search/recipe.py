@@ -7,8 +7,10 @@ MoE rules (applied after the genome's ratios):
   s_b (``father`` / ``mother``) or follow the ratio map (``merge``).
 - dead-expert revival: an expert dead in the mother's MoE scan and alive in the father's takes all
   of the father's weights for that expert, and the router rows that score that expert (row e of
-  ``mlp.gate.weight``) are the father's: tokens reach the revived expert the way they reached it in
-  the father, while the other rows follow the router's own recipe.
+  ``mlp.gate.weight``) are the father's, scaled to the mean row norm of the child's router (also when
+  the router is taken whole from the mother): tokens reach the revived expert the way they reached
+  it in the father, at the scale the child's router scores the others, while the other rows follow
+  the router's own recipe.
 """
 
 from __future__ import annotations
