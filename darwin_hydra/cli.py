@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -21,15 +22,30 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _app(cfg: DictConfig) -> None:
-    from darwin_hydra.pipeline import run_pipeline
+    from darwin_hydra.pipeline import run_pipeline  # imports torch
 
+    # Everything imported so far lives until exit: move it out of the collector's sight, then collect
+    # as usual during the run (its passes no longer walk torch's module graph).
+    gc.freeze()
+    gc.enable()
     run_dir = HydraConfig.get().runtime.output_dir
     run_pipeline(cfg, run_dir)
 
 
 def main() -> None:
-    """``darwin-hydra [overrides]``: compose the config and run the pipeline."""
-    _app()
+    """``darwin-hydra [overrides]``: compose the config and run the pipeline.
+
+    The cyclic garbage collector is off while the config is composed and torch is imported (they
+    allocate millions of long-lived objects and no garbage worth a pass), and everything alive at
+    exit is frozen so that interpreter shutdown skips a last pass over it: about 0.4 s of a plain
+    merge command's 3.5 s (scripts/bench_merge.py). Reference counting frees objects as always.
+    """
+    gc.disable()
+    try:
+        _app()
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def reproduce_main(argv: list[str] | None = None) -> None:

@@ -95,3 +95,26 @@ def test_every_subpackage_is_listed_in_pyproject():
         for p in (CONF.parent / "darwin_hydra").rglob("__init__.py")
     }
     assert pkgs <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(pkgs - listed)}"
+
+
+def test_cli_main_leaves_the_garbage_collector_on_even_when_the_app_fails(monkeypatch):
+    """``main`` turns the collector off for start-up and freezes what is loaded; a caller in the same
+    process (tests, notebooks) must get it back on, whether the app returns or raises."""
+    import gc
+
+    from darwin_hydra import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_app", lambda: seen.append(gc.isenabled()))
+    cli.main()
+
+    def boom():
+        seen.append(gc.isenabled())
+        raise RuntimeError("app failed")
+
+    monkeypatch.setattr(cli, "_app", boom)
+    with pytest.raises(RuntimeError, match="app failed"):
+        cli.main()
+    assert seen == [False, False]
+    assert gc.isenabled()
+    gc.unfreeze()
