@@ -131,3 +131,25 @@ def test_multirun_sweep_gives_two_searches_in_one_wandb_group(tmp_path):
     assert a["group"] == b["group"] and a["group"] and a["run_id"] != b["run_id"]
     bounds = [json.loads((r.parent / "genome.json").read_text())["genes"]["mri_trust"] for r in runs]
     assert 0.0 <= bounds[0] <= 0.5 <= bounds[1] <= 1.0
+
+
+@pytest.mark.slow
+def test_revival_leaves_the_child_fewer_dead_experts_than_the_mother_on_the_default_moe_zoo(tmp_path):
+    """Issue 8's claim on the default zoo's MoE pair (small search budgets; README has the full runs):
+    the mother's dead experts are revived, and the child, scanned on the same calibration prompts, has
+    fewer dead experts than she has."""
+    d = tmp_path / "moe"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    p = subprocess.run(
+        _cmd("darwin-hydra") + [
+            "parents=zoo_moe", "genome.revive_dead_experts=true", "optimizer.phase1_trials=12",
+            "optimizer.phase2_top_k=1", "optimizer.phase2_trials=2", "optimizer.patience=2",
+            "benchmark.n_bootstrap=200", "logger=none", f"hydra.run.dir={d}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    genome = json.loads((d / "genome.json").read_text())
+    assert genome["revived_experts"], "the default MoE mother has experts dead where the father's live"
+    moe = json.loads((d / "health.json").read_text())["moe"]
+    assert moe["child"]["dead"] < moe["mother"]["dead"], moe
