@@ -31,9 +31,10 @@ def _cmd(name):
     return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from darwin_hydra.cli import main; main()"]
 
 
-def run_app(run_dir, *overrides, check=True):
+def run_app(run_dir, *overrides, check=True, quick=True):
+    """The installed command with ``QUICK`` (the tiny zoo, small budgets) unless ``quick=False``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    p = subprocess.run(_cmd("darwin-hydra") + QUICK + [f"hydra.run.dir={run_dir}", *overrides],
+    p = subprocess.run(_cmd("darwin-hydra") + (QUICK if quick else []) + [f"hydra.run.dir={run_dir}", *overrides],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
@@ -139,16 +140,9 @@ def test_revival_leaves_the_child_fewer_dead_experts_than_the_mother_on_the_defa
     the mother's dead experts are revived, and the child, scanned on the same calibration prompts, has
     fewer dead experts than she has."""
     d = tmp_path / "moe"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    p = subprocess.run(
-        _cmd("darwin-hydra") + [
-            "parents=zoo_moe", "genome.revive_dead_experts=true", "optimizer.phase1_trials=12",
+    run_app(d, "parents=zoo_moe", "genome.revive_dead_experts=true", "optimizer.phase1_trials=12",
             "optimizer.phase2_top_k=1", "optimizer.phase2_trials=2", "optimizer.patience=2",
-            "benchmark.n_bootstrap=200", "logger=none", f"hydra.run.dir={d}",
-        ],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+            "benchmark.n_bootstrap=200", "logger=none", quick=False)
     genome = json.loads((d / "genome.json").read_text())
     assert genome["revived_experts"], "the default MoE mother has experts dead where the father's live"
     moe = json.loads((d / "health.json").read_text())["moe"]
