@@ -19,41 +19,51 @@ CONFIG_PATH = "pkg://darwin_hydra_conf"
 
 register_configs()
 
+_FROZE = False
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _app(cfg: DictConfig) -> None:
     from darwin_hydra.pipeline import run_pipeline  # imports torch
 
     # Everything imported so far lives until exit: move it out of the collector's sight, then collect
-    # as usual during the run (its passes no longer walk torch's module graph).
-    gc.freeze()
+    # as usual during the run (its passes no longer walk torch's module graph). Once per process: a
+    # multirun's later jobs must not freeze the garbage of the jobs before them.
+    global _FROZE
+    if not _FROZE:
+        gc.freeze()
+        _FROZE = True
     gc.enable()
     run_dir = HydraConfig.get().runtime.output_dir
     run_pipeline(cfg, run_dir)
 
 
 def _tune_malloc() -> None:
-    """glibc only: serve allocations up to 32 MiB from the heap and keep up to 1 GiB of freed heap.
+    """glibc only: serve allocations up to 32 MiB from the heap and keep up to 256 MiB of freed heap.
 
     glibc maps every allocation above its (adaptive, initially 128 KiB) threshold fresh from the
     kernel and unmaps it on free, so a merge that allocates a few MB per tensor, tensor after tensor,
     pays page faults and zeroing for every one of them. Reusing heap memory instead took the merge
-    command from about 3.2 s to 3.0 s (scripts/bench_merge.py setup; peak RSS unchanged). Elsewhere
-    (macOS, musl) this does nothing.
+    command from about 3.2 s to 3.0 s (scripts/bench_merge.py setup; peak RSS unchanged). Left alone
+    when the user tunes malloc (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment), and
+    elsewhere (macOS, musl).
     """
     import ctypes
     import ctypes.util
+    import os
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)):
+        log.debug("mallopt refused the merge-friendly thresholds; keeping glibc's defaults")
 
 
 def main() -> None:
@@ -62,15 +72,20 @@ def main() -> None:
     The cyclic garbage collector is off while the config is composed and torch is imported (they
     allocate millions of long-lived objects and no garbage worth a pass), and everything alive at
     exit is frozen so that interpreter shutdown skips a last pass over it: about 0.4 s of a plain
-    merge command's 3.5 s (scripts/bench_merge.py). Reference counting frees objects as always.
+    merge command's 3.5 s (scripts/bench_merge.py). Reference counting frees objects as always; a
+    caller in the same process gets the collector back as it was.
     """
+    import atexit
+
+    was_enabled = gc.isenabled()
     gc.disable()
     _tune_malloc()
+    atexit.register(gc.freeze)
     try:
         _app()
     finally:
-        gc.freeze()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def reproduce_main(argv: list[str] | None = None) -> None:

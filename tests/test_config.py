@@ -117,4 +117,10 @@ def test_cli_main_leaves_the_garbage_collector_on_even_when_the_app_fails(monkey
         cli.main()
     assert seen == [False, False]
     assert gc.isenabled()
-    gc.unfreeze()
+    monkeypatch.setattr(cli, "_app", lambda: seen.append(gc.isenabled()))
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        cli.main()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -227,6 +227,19 @@ def test_rows_from_copies_router_rows_at_the_childs_scale():
     assert torch.equal(out, A)
 
 
+def test_rows_from_checks_its_rows_and_its_source():
+    with pytest.raises(ValueError, match=r"rows_from names rows \[99\]"):
+        merge_tensor(A, B, None, TensorRecipe(ratio=0.5, rows_from=(("father", (99,)),)), 0, name="gate")
+    bad = A.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(NonFiniteTensorError, match="father tensor 'gate'"):
+        merge_tensor(bad, B, None, TensorRecipe(ratio=0.5, source="mother", rows_from=(("father", (1,)),)), 0, name="gate")
+    # rows asked from the transplanted side itself are its own rows, not rescaled (no dtype drift)
+    out = merge_tensor(A, B, None, TensorRecipe(ratio=0.05, t_lo=0.15, rows_from=(("father", (1,)),)), 0,
+                       out_dtype=torch.bfloat16)
+    assert torch.equal(out, A.bfloat16())
+
+
 def test_rows_from_applies_to_a_transplanted_router_too():
     # Darwin's recipe: the mother's router whole, with the revived experts' rows from the father.
     big = B * 10

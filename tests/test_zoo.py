@@ -203,6 +203,8 @@ def test_config_errors_name_the_option():
         validate(ZooConfig(mother=TrainSpec(layers="lower", keep={"poetry": 1.0}, keep_weight=1.0)))
     with pytest.raises(ValueError, match="zoo.father: keep_weight=1.0"):
         validate(ZooConfig(father=TrainSpec(layers="upper", keep_weight=1.0)))
+    with pytest.raises(ValueError, match="zoo.mother.keep=.*positive sum"):
+        validate(ZooConfig(mother=TrainSpec(layers="lower", keep={"rev": 0.0}, keep_weight=1.0)))
     with pytest.raises(ValueError, match="zoo.base.keep_weight"):
         validate(ZooConfig(base=TrainSpec(keep={"add": 1.0}, keep_weight=1.0)))
 

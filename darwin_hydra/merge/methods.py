@@ -471,7 +471,8 @@ def merge_tensor(
 
     Returns a tensor of ``out_dtype`` (default: the father's dtype) on ``device`` (default: the
     father's). Transplanted tensors (``recipe.transplant_side()``) come back as the parent's tensor
-    itself; non-floating tensors (integer buffers) are the father's. NaN/Inf in an input raise
+    itself (a copy when ``rows_from`` replaces rows from the other parent); non-floating tensors
+    (integer buffers) are the father's. NaN/Inf in an input raise
     ``NonFiniteTensorError`` naming the parent and the tensor.
     """
     from darwin_hydra.merge.recipe import FATHER
@@ -483,8 +484,9 @@ def merge_tensor(
         if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
             t = t.to(out_dtype)
         t = t if device is None else t.to(device)
-        if recipe.rows_from:
-            t = _rows_from(t.clone(), recipe.rows_from, father, mother)
+        rows = tuple((who, r) for who, r in (recipe.rows_from or ()) if who != side)  # its own rows: as they are
+        if rows:
+            t = _rows_from(t.clone(), rows, father, mother, name)
         return t
     if not father.is_floating_point():
         return father if device is None else father.to(device)
@@ -511,26 +513,32 @@ def merge_tensor(
     P.check_finite()
     out = out.view(P.shape)
     if recipe.rows_from:
-        out = _rows_from(out, recipe.rows_from, father, mother)
+        out = _rows_from(out, recipe.rows_from, father, mother, name)
     return out
 
 
-def _rows_from(out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch.Tensor) -> torch.Tensor:
+def _rows_from(out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch.Tensor, name: str) -> torch.Tensor:
     """Rows ``rows`` of ``out`` (in place) from parent ``who``, scaled by s = mean ||out_j|| / mean
-    ||src_j|| over the other rows j: a router row keeps its direction from the parent it comes from
-    and competes at the scale of the child's router (a fine-tune's router can have rows 10x longer
-    than the base's; an unscaled row from the other parent would then never win a top-k).
-    s is exactly 1 when the other rows are the source's own."""
+    ||src_j|| over the rows j that no entry replaces: a router row keeps its direction from the
+    parent it comes from and competes at the scale of the child's router (a fine-tune's router can
+    have rows 10x longer than the base's; an unscaled row from the other parent would then never
+    win a top-k)."""
     from darwin_hydra.merge.recipe import FATHER
 
+    n = out.shape[0]
+    listed = sorted({int(r) for _, rows in rows_from for r in rows})
+    bad = [r for r in listed if not 0 <= r < n]
+    if bad:
+        raise ValueError(f"tensor {name!r}: rows_from names rows {bad}, outside its {n} rows")
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[listed] = False
+    num = out[rest.to(out.device)].float().norm(dim=-1).mean() if bool(rest.any()) else None
     for who, rows in rows_from:
         src = father if who == FATHER else mother
-        idx = torch.tensor(sorted(set(rows)), dtype=torch.long)
-        rest = torch.ones(out.shape[0], dtype=torch.bool)
-        rest[idx] = False
+        check_finite_chunked(src, who, name)
+        idx = torch.tensor(sorted({int(r) for r in rows}), dtype=torch.long)
         s = 1.0
-        if bool(rest.any()):
-            num = out[rest.to(out.device)].float().norm(dim=-1).mean()
+        if num is not None:
             den = src[rest.to(src.device)].float().norm(dim=-1).mean().to(num.device)
             s = float(num / den) if float(den) > 0 else 1.0
         rows_src = src[idx.to(src.device)].to(device=out.device, dtype=torch.float32)

@@ -63,7 +63,7 @@ def apply_moe_rules(
             experts = tuple(sorted(int(e) for e in revive[info.layer]))
             if info.component == EXPERT and info.expert in experts:
                 out[name] = replace(out[name], source=FATHER)
-            elif info.component == ROUTER and "shared_expert_gate" not in name and out[name].source != FATHER:
+            elif info.component == ROUTER and "shared_expert_gate" not in name and out[name].transplant_side() != FATHER:
                 out[name] = replace(out[name], rows_from=((FATHER, experts),))
     return out
 
@@ -119,6 +119,9 @@ def hash_context(
         moe["router_source"] = list(router_source)
     if revive:
         moe["revive"] = {str(k): sorted(v) for k, v in sorted(revive.items())}
+        # v2: router rows scaled to the child's router, also under a transplanted router (a run
+        # revived under v1 rebuilds a different child, so it gets a different hash)
+        moe["revive_rule"] = 2
     return moe | {
         "space": space.name,
         "genes": list(space.genes),

@@ -182,6 +182,8 @@ def validate(cfg: ZooConfig) -> None:
         for s in spec.keep:
             if s not in cfg.skills:
                 raise ValueError(f"zoo.{role}.keep: {s!r} is not in zoo.skills {cfg.skills}")
+        if any(w < 0 for w in spec.keep.values()) or (spec.keep and sum(spec.keep.values()) <= 0):
+            raise ValueError(f"zoo.{role}.keep={dict(spec.keep)}: weights must be >= 0 with a positive sum")
         if spec.keep_weight < 0 or (spec.keep_weight > 0 and (not spec.keep or spec.keep_batch_size < 1)):
             raise ValueError(
                 f"zoo.{role}: keep_weight={spec.keep_weight} needs keep_weight >= 0, and when > 0 a non-empty "
