@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import sys
@@ -32,6 +33,7 @@ def _app(cfg: DictConfig) -> None:
     global _FROZE
     if not _FROZE:
         gc.freeze()
+        atexit.register(gc.freeze)  # and what is alive at exit: shutdown skips a last pass over it
         _FROZE = True
     gc.enable()
     run_dir = HydraConfig.get().runtime.output_dir
@@ -75,12 +77,9 @@ def main() -> None:
     merge command's 3.5 s (scripts/bench_merge.py). Reference counting frees objects as always; a
     caller in the same process gets the collector back as it was.
     """
-    import atexit
-
     was_enabled = gc.isenabled()
     gc.disable()
     _tune_malloc()
-    atexit.register(gc.freeze)
     try:
         _app()
     finally:

@@ -3,9 +3,9 @@
 search's seed-to-seed noise (issue 8).
 
 For a few two-block linear merges of the default zoo's MoE pair (ratio r_lo in layers 0-3, r_hi in
-4-7; no random masks), builds the child without and with revival of the experts dead in the mother
-and alive in the father (read from the zoo's routing counts), and scores both on the
-test split; prints the paired-bootstrap difference.
+4-7; no random masks), builds the child without and with revival (the plan a run makes: the MoE scan
+of both parents on the zoo's probe prompts), scores both on the test split and prints the
+paired-bootstrap difference.
 
     python scripts/revival_ab.py
 """
@@ -26,35 +26,33 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from omegaconf import OmegaConf
+
     from darwin_hydra.arch import tensor_info
     from darwin_hydra.evaluate.benchmark import evaluate_model
     from darwin_hydra.evaluate.stats import paired_bootstrap
     from darwin_hydra.io.checkpoint import CheckpointReader
     from darwin_hydra.merge.engine import merge_to_disk
     from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
-    from darwin_hydra.search.recipe import apply_moe_rules
-    from darwin_hydra.zoo import default_cache_dir, ensure_zoo, load_metadata
+    from darwin_hydra.mri.config import probes_config
+    from darwin_hydra.mri.moe import moe_scan
+    from darwin_hydra.mri.probes import load_probe_prompts
+    from darwin_hydra.mri.scan import load_model
+    from darwin_hydra.search.recipe import apply_moe_rules, revival_plan
+    from darwin_hydra.zoo import default_cache_dir, ensure_zoo, load_metadata, resolve_zoo_uri
     from darwin_hydra.zoo.config import load_zoo_config
 
-    root = ensure_zoo(load_zoo_config("default"), default_cache_dir())
-    meta = load_metadata(root)
-    pair = meta["pairs"]["moe"]
-    n_layers = pair["num_layers"]
-    # The plan from the zoo's own routing counts (which equal the MRI's, tests/test_mri_zoo.py): experts
-    # dead in the mother on every skill's probe prompts and not in the father. On the default zoo this
-    # is the plan the runs' MRI makes on the pooled prompts: layer 1, experts 3, 4, 6.
-    per = pair["experts"]["per_member"]
-
-    def dead_everywhere(role):
-        sets = [set(map(tuple, ((l, e) for l, row in enumerate(v["dead"]) for e in row))) for v in per[role].values()]
-        return set.intersection(*sets)
-
-    plan: dict[int, list[int]] = {}
-    for layer, e in sorted(dead_everywhere("mother") - dead_everywhere("father")):
-        plan.setdefault(layer, []).append(e)
+    cfg = load_zoo_config("default")
+    root = ensure_zoo(cfg, default_cache_dir())
+    n_layers = load_metadata(root)["pairs"]["moe"]["num_layers"]
+    tok = AutoTokenizer.from_pretrained(root / "moe" / "father")
+    # The plan a run makes: the MoE scan of each parent on the pooled zoo probe prompts, then revival_plan.
+    probes = probes_config(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "probes" / "zoo.yaml"))
+    prompts = load_probe_prompts(probes, lambda u: str(resolve_zoo_uri(u, cfg, default_cache_dir())))
+    scans = {role: moe_scan(load_model(root / "moe" / role), tok, prompts, progress=False) for role in ("father", "mother")}
+    plan = revival_plan(scans["father"], scans["mother"])
     print(f"revival plan (layer: experts): {plan}")
     father, mother = CheckpointReader(root / "moe" / "father"), CheckpointReader(root / "moe" / "mother")
-    tok = AutoTokenizer.from_pretrained(root / "moe" / "father")
     tmp = Path(tempfile.mkdtemp(prefix="revival_ab-"))
     try:
         for r_lo, r_hi in ((1.0, 0.0), (0.9, 0.0), (0.8, 0.1)):
@@ -67,10 +65,7 @@ def main() -> None:
                 if revive:
                     recipes = apply_moe_rules(recipes, n_layers, None, revive)
                 out = merge_to_disk(father, mother, None, RatioMap(recipes), "revival-ab", tmp / f"{r_lo}-{r_hi}-{tag}",
-                                    progress=False)
-                for f in (root / "moe" / "father").iterdir():
-                    if f.suffix in (".json", ".txt") and not (out / f.name).exists():
-                        shutil.copy(f, out / f.name)
+                                    progress=False)  # config and tokenizer come with it, from the father
                 model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
                 res = evaluate_model(model, tok, ["zoo_skills_test"], root / "tasks")
                 scores[tag] = ({k: np.asarray(v.correct, dtype=float) for k, v in res.tasks.items()}, res.mean)

@@ -172,18 +172,15 @@ def validate(cfg: ZooConfig) -> None:
         spec: TrainSpec = getattr(cfg, role)
         if spec.layers not in LAYER_SPANS:
             raise ValueError(f"zoo.{role}.layers={spec.layers!r}; choose one of {LAYER_SPANS}")
-        for s in spec.skills:
-            if s not in cfg.skills:
-                raise ValueError(f"zoo.{role}.skills: {s!r} is not in zoo.skills {cfg.skills}")
-        if any(w < 0 for w in spec.skills.values()) or (spec.skills and sum(spec.skills.values()) <= 0):
-            raise ValueError(f"zoo.{role}.skills={dict(spec.skills)}: weights must be >= 0 with a positive sum")
+        for key in ("skills", "keep"):  # skill -> weight mixtures
+            mix = getattr(spec, key)
+            for s in mix:
+                if s not in cfg.skills:
+                    raise ValueError(f"zoo.{role}.{key}: {s!r} is not in zoo.skills {cfg.skills}")
+            if any(w < 0 for w in mix.values()) or (mix and sum(mix.values()) <= 0):
+                raise ValueError(f"zoo.{role}.{key}={dict(mix)}: weights must be >= 0 with a positive sum")
         if spec.steps < 1 or spec.batch_size < 1:
             raise ValueError(f"zoo.{role}: steps and batch_size must be >= 1")
-        for s in spec.keep:
-            if s not in cfg.skills:
-                raise ValueError(f"zoo.{role}.keep: {s!r} is not in zoo.skills {cfg.skills}")
-        if any(w < 0 for w in spec.keep.values()) or (spec.keep and sum(spec.keep.values()) <= 0):
-            raise ValueError(f"zoo.{role}.keep={dict(spec.keep)}: weights must be >= 0 with a positive sum")
         if spec.keep_weight < 0 or (spec.keep_weight > 0 and (not spec.keep or spec.keep_batch_size < 1)):
             raise ValueError(
                 f"zoo.{role}: keep_weight={spec.keep_weight} needs keep_weight >= 0, and when > 0 a non-empty "

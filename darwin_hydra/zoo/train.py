@@ -138,12 +138,17 @@ class Encoder:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
 
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    """Skill -> sampling probability: the weights over their sum, zero weights dropped."""
+    kept = {s: float(w) for s, w in weights.items() if w > 0}
+    total = sum(kept.values())
+    return {s: w / total for s, w in kept.items()}
+
+
 def training_mixture(spec: TrainSpec, zoo_skills: list[str]) -> dict[str, float]:
-    """Skill -> sampling probability of a member's training items: ``spec.skills`` normalised (zero
-    weights dropped), or every zoo skill equally when it is empty."""
-    weights = {s: float(w) for s, w in spec.skills.items() if w > 0} if spec.skills else dict.fromkeys(zoo_skills, 1.0)
-    total = sum(weights.values())
-    return {s: w / total for s, w in weights.items()}
+    """Skill -> sampling probability of a member's training items: ``spec.skills`` normalised, or every
+    zoo skill equally when it is empty."""
+    return _normalised(spec.skills or dict.fromkeys(zoo_skills, 1.0))
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
@@ -205,7 +210,7 @@ class _Keep:
         # hidden_states[i] is the input of layer i; the last entry is the final (normed) output.
         self.index = layers[-1] + 1 if layers[-1] + 1 < model.config.num_hidden_layers else -1
         self.stream = TrainStream(
-            training_mixture(replace(job.train, skills=job.train.keep), job.skills), params,
+            _normalised(job.train.keep), params,
             set(job.held_out), job.seed, f"{job.pair}/{job.role}/keep",
         )
         self.size = job.train.keep_batch_size
