@@ -270,6 +270,102 @@ def test_nan_in_a_transplanted_tensor_is_reported_too():
         merge_named("w", A, bad, None, TensorRecipe(ratio=0.99, t_hi=0.85), "h")
 
 
+def _stored_parents(tmp_path, shape=(700, 401)):  # above select.SMALL: TIES ranks a sample first
+    """bf16 father, mother, base saved as safetensors; returns (in-memory tensors, StoredTensors)."""
+    from safetensors.torch import save_file
+
+    from darwin_hydra.io.checkpoint import CheckpointReader
+
+    fa, mo, base = bf16_parents(shape, seed=3)
+    stored = []
+    for role, t in (("father", fa), ("mother", mo), ("base", base)):
+        save_file({"pad": torch.ones(7, dtype=torch.bfloat16), "w": t}, tmp_path / f"{role}.safetensors")
+        stored.append(CheckpointReader(tmp_path / f"{role}.safetensors").stored("w"))
+    return (fa, mo, base), stored
+
+
+STREAM_RECIPES = [
+    TensorRecipe(method="dare_ties", ratio=0.4, density_a=0.6, density_b=0.5),
+    TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5, method_weight=0.7),  # blended with linear
+    TensorRecipe(method="dare_linear", ratio=0.7, density_a=0.3, density_b=0.9),
+    TensorRecipe(method="task_arithmetic", ratio=0.6, scale=1.2),
+    TensorRecipe(method="linear", ratio=0.25),
+    TensorRecipe(method="slerp", ratio=0.5),
+    TensorRecipe(method="model_stock"),
+    TensorRecipe(method="ties", ratio=0.5, density_a=0.4, density_b=0.3),
+    TensorRecipe(method="breadcrumbs_ties", ratio=0.5, density_a=0.8, density_b=0.7),
+    TensorRecipe(method="della", ratio=0.5, density_a=0.6, density_b=0.5),
+    TensorRecipe(method="ties", ratio=0.5, density_b=0.3, method_weight=0.4, blend_method="slerp"),
+]
+
+
+@pytest.mark.parametrize("recipe", STREAM_RECIPES, ids=lambda r: f"{r.method}-w{r.method_weight}")
+def test_parents_left_in_their_files_stream_and_give_the_same_bits(recipe, tmp_path, monkeypatch):
+    """Export mode reads a streaming method's parents chunk by chunk from the files: same child, bit
+    for bit, and no parent is ever loaded whole."""
+    from darwin_hydra.io.checkpoint import StoredTensor
+
+    monkeypatch.setattr(M, "CHUNK_CPU", 4096)  # many chunks, and one partial chunk at the end
+    tensors, stored = _stored_parents(tmp_path)
+    assert M.streams(recipe)
+    want = merge_tensor(*tensors, recipe, 77, name="w")
+    monkeypatch.setattr(StoredTensor, "load", lambda self: pytest.fail("a streaming merge loaded a parent whole"))
+    got = merge_tensor(*stored, recipe, 77, name="w", device="cpu")
+    assert got.dtype == torch.bfloat16 and got.shape == tensors[0].shape
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_parents_left_in_their_files_are_loaded_for_a_transplant_or_a_gpu(device, tmp_path):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tensors, stored = _stored_parents(tmp_path, shape=(40, 30))
+    recipe = TensorRecipe(method="dare_ties", ratio=0.95, t_hi=0.9) if device == "cpu" else STREAM_RECIPES[0]
+    assert M.streams(recipe) == (device == "cuda")
+    got = merge_tensor(*stored, recipe, 5, name="w", device=device).cpu()
+    assert torch.equal(got, merge_tensor(*tensors, recipe, 5, name="w", device=device).cpu())
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+@pytest.mark.parametrize("role", ["father", "mother", "base"])
+def test_nan_in_a_parent_the_child_does_not_depend_on_is_still_reported(role, where, tmp_path):
+    """At r = 1 dare_ties ignores dA (and at r = 0 dB); the finite check still covers that parent."""
+    from safetensors.torch import save_file
+
+    from darwin_hydra.io.checkpoint import CheckpointReader
+
+    tensors = {"father": A.clone(), "mother": B.clone(), "base": BASE.clone()}
+    tensors[role][5, 6] = float("nan")
+    if where == "file":
+        for r, t in tensors.items():
+            save_file({"w": t}, tmp_path / f"{r}.safetensors")
+        tensors = {r: CheckpointReader(tmp_path / f"{r}.safetensors").stored("w") for r in tensors}
+    for ratio in (0.0, 1.0):
+        with pytest.raises(NonFiniteTensorError, match=f"{role} tensor 'w'"):
+            merge_tensor(tensors["father"], tensors["mother"], tensors["base"],
+                         TensorRecipe(method="dare_ties", ratio=ratio, density_a=0.5, density_b=0.5), 3, name="w",
+                         device="cpu")
+
+
+def test_stored_tensor_reads_ranges_and_refuses_what_it_cannot(tmp_path):
+    from darwin_hydra.io.checkpoint import CheckpointReader
+
+    tensors, stored = _stored_parents(tmp_path, shape=(10, 9))
+    flat = tensors[1].reshape(-1)
+    mo = stored[1]
+    assert mo.shape == (10, 9) and mo.dtype == torch.bfloat16 and mo.numel() == 90 and mo.is_floating_point()
+    assert torch.equal(mo.read(13, 61), flat[13:61]) and mo.read(90, 90).numel() == 0
+    assert torch.equal(mo.load(), tensors[1])
+    with pytest.raises(IndexError, match="'w'"):
+        mo.read(80, 91)
+    with pytest.raises(ValueError, match="merge device"):
+        merge_tensor(*stored, TensorRecipe(), 1, name="w")
+    (tmp_path / "pickled").mkdir()
+    torch.save({"w": tensors[0]}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled"):
+        CheckpointReader(tmp_path / "pickled", allow_pickle=True).stored("w")
+
+
 # ---- recipes and config ---------------------------------------------------------------------------
 
 
@@ -357,6 +453,19 @@ def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_p
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert _checksums(one) == _checksums(two)
+    # the cyclic GC is paused while merging (nested merges too) and restored afterwards
+    import gc
+
+    from darwin_hydra.merge import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "merge_tensor", lambda *a, **k: seen.append(gc.isenabled()) or merge_tensor(*a, **k))
+    assert gc.isenabled()
+    with engine.merging():
+        merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc", workers=2, progress=False)
+        assert not gc.isenabled() and torch.get_num_threads() == 1
+    assert gc.isenabled() and torch.get_num_threads() == threads and seen and not any(seen)
+    monkeypatch.undo()
     # one tensor on its own (any order, any chunking) gives the same bits
     monkeypatch.setattr(M, "CHUNK_CPU", 4096)
     name = father.names[-3]

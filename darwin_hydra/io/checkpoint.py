@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointWriter",
     "IncompatibleParentsError",
     "PickleRefusedError",
+    "StoredTensor",
     "check_compatible",
     "tensor_sha256",
     "SUPPORT_FILES",
@@ -108,6 +109,71 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # reading
+
+
+_read_tls = threading.local()
+
+
+class StoredTensor:
+    """One safetensors tensor left in its file, read a flat element range at a time.
+
+    For the export merge (``merge.methods.streams``: every method, not a transplant): each chunk of each
+    parent is read straight into a small per-thread buffer and converted there, instead of the
+    whole tensor being read into fresh memory first. That halves the merge's peak RSS and spares
+    the page faults and copy of every parent's bytes (scripts/bench_merge.py; docs/merge.md).
+    Duck-types the few ``torch.Tensor`` attributes the merge reads: ``shape``, ``dtype``,
+    ``numel()``, ``is_floating_point()``.
+    """
+
+    __slots__ = ("reader", "entry", "shape", "dtype", "itemsize", "_n")
+
+    def __init__(self, reader: CheckpointReader, entry: TensorEntry):
+        self.reader, self.entry = reader, entry
+        self.shape = torch.Size(entry.shape)
+        self.dtype = entry.dtype
+        self.itemsize = entry.dtype.itemsize
+        self._n = self.shape.numel()
+
+    def numel(self) -> int:
+        return self._n
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop), in this thread's read buffer: valid until the thread's next
+        ``read``, so copy (convert) it before reading again."""
+        if not 0 <= start <= stop <= self._n:
+            raise IndexError(f"tensor {self.entry.name!r}: elements [{start}, {stop}) outside 0..{self._n}")
+        nbytes = (stop - start) * self.itemsize
+        buf = getattr(_read_tls, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes <= 64 << 20:  # a chunk's worth is kept; a one-off whole large tensor is not
+                _read_tls.buf = buf
+        raw = buf[:nbytes]
+        e = self.entry
+        try:
+            pread_into(self.reader._fd(e.file), memoryview(raw.numpy()), e.start + start * self.itemsize, e.file,
+                       f"tensor {e.name!r}")
+        except OSError as err:
+            raise OSError(f"{e.file}: cannot read tensor {e.name!r}: {err}") from err
+        return raw.view(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor, in fresh memory (``CheckpointReader.get``)."""
+        return self.reader.get(self.entry.name)
+
+    def prefetch(self) -> None:
+        """Ask the kernel to read the tensor's bytes ahead (chunked reads are small)."""
+        e = self.entry
+        try:
+            os.posix_fadvise(self.reader._fd(e.file), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass
+
+    def __repr__(self) -> str:
+        return f"StoredTensor({self.entry.name!r}, {tuple(self.shape)}, {self.dtype}, {self.entry.file})"
 
 
 class CheckpointReader:
@@ -322,6 +388,12 @@ class CheckpointReader:
         except OSError as err:
             raise OSError(f"{e.file}: cannot read tensor {name!r}: {err}") from err
         return t
+
+    def stored(self, name: str) -> StoredTensor:
+        """``name`` left in its safetensors file, to be read a range at a time (``StoredTensor``)."""
+        if self.format != "safetensors":
+            raise ValueError(f"{self.path}: tensors of pickled checkpoints cannot be read by range; use get()")
+        return StoredTensor(self, self.entry(name))
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in ``names`` order (default: ``self.names``, disk order)."""

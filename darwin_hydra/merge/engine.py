@@ -15,6 +15,7 @@ whatever the worker count or the order tensors are merged in.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -26,17 +27,16 @@ from typing import Mapping
 
 import torch
 
-from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor
+from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor, streams
 from darwin_hydra.merge.recipe import RatioMap, TensorRecipe, tensor_seed
 
 __all__ = ["InMemoryMerger", "NonFiniteTensorError", "merge_named", "merge_to_disk", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
-
+_section_lock = threading.Lock()
+_section_users = 0
+_section_saved: tuple[int, bool] = (1, True)
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
@@ -61,22 +61,33 @@ def resolve_workers(workers: int) -> int:
 
 
 @contextlib.contextmanager
-def one_intra_op_thread():
-    """Torch ops with one thread while merging (kernels are parallel across tensors, and a reduction
-    split over a varying thread count would change the last bits); restored afterwards."""
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
+def merging():
+    """What every merge runs under, restored afterwards (nesting and concurrent merges count):
+
+    - torch ops with one intra-op thread: kernels are parallel across tensors, and a reduction
+      split over a varying thread count would change the last bits;
+    - Python's cyclic garbage collector paused: a merge allocates some 40 short-lived tensors a
+      chunk and no reference cycles, and the collector's passes over everything the process holds
+      (torch's modules included) cost ~10% of an export (1.21 s against 1.35 s, medians of 8
+      interleaved runs, scripts/bench_merge.py setup).
+    """
+    global _section_users, _section_saved
+    with _section_lock:
+        if _section_users == 0:
+            _section_saved = (torch.get_num_threads(), gc.isenabled())
             torch.set_num_threads(1)
-        _threads_users += 1
+            gc.disable()
+        _section_users += 1
     try:
         yield
     finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
+        with _section_lock:
+            _section_users -= 1
+            if _section_users == 0:
+                threads, collecting = _section_saved
+                torch.set_num_threads(threads)
+                if collecting:
+                    gc.enable()
 
 
 def _init_worker() -> None:
@@ -140,9 +151,10 @@ def merge_to_disk(
 
     Every tensor of the father (in its order) is read from the three parents, merged under
     ``ratio_map[name]`` by one of ``workers`` threads (0 = one per core) and written as soon as
-    the tensors before it are. A tensor in flight holds its inputs and its output (about
-    4 x its size); no more than ``max_inflight_bytes`` of that is scheduled at once (one tensor
-    always may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
+    the tensors before it are. A merged tensor (``methods.streams``: not a transplant) is read
+    chunk by chunk from the parents' safetensors files on the CPU and holds only its output in
+    flight; a transplant, a CUDA merge or a pickled parent holds its inputs too (about 4 x its size). No more than ``max_inflight_bytes`` of that is scheduled at once
+    (one tensor always may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
     Everything lands in ``out_dir`` atomically (``CheckpointWriter``), with ``checksums.json`` and
     ``extra_files`` (relative path -> text); on any error nothing named ``out_dir`` is left.
     """
@@ -157,12 +169,29 @@ def merge_to_disk(
     out_dtype = _dtype(dtype)
     n_workers = resolve_workers(workers)
 
+    readers = [r for r in (father, mother, base) if r is not None]
+    # chunk-streamed merges read their parents straight from the files (methods.Parents), CPU only
+    can_stream = dev.type == "cpu" and all(getattr(r, "format", None) == "safetensors" for r in readers)
+
+    def streamed(name: str) -> bool:
+        return can_stream and streams(ratio_map[name]) and father.dtype(name).is_floating_point
+
+    def parent(reader, name: str, stream: bool):
+        if reader is None:
+            return None
+        if not stream:
+            return reader.get(name)
+        t = reader.stored(name)
+        t.prefetch()
+        return t
+
     def job(name: str) -> torch.Tensor:
+        stream = streamed(name)
         out = merge_named(
             name,
-            father.get(name),
-            mother.get(name),
-            base.get(name) if base is not None else None,
+            parent(father, name, stream),
+            parent(mother, name, stream),
+            parent(base, name, stream),
             ratio_map[name],
             genome_hash,
             dev,
@@ -173,10 +202,11 @@ def merge_to_disk(
     roles = 3 if base is not None else 2
 
     def cost(name: str) -> int:
-        return (roles + 1) * father.nbytes(name)
+        """Bytes a tensor holds in flight: its output, plus its inputs unless they stream."""
+        return (1 if streamed(name) else roles + 1) * father.nbytes(name)
 
     total = sum(father.nbytes(n) for n in names)
-    with one_intra_op_thread(), CheckpointWriter(
+    with merging(), CheckpointWriter(
         out_dir, max_shard_bytes=max_shard_bytes, source_dir=father.path, dtype=out_dtype, overwrite=overwrite
     ) as writer:
         bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
@@ -312,7 +342,7 @@ class InMemoryMerger:
                 groups.setdefault(group, {})[name] = recipe
         work = sum(self.father[n].numel() for n, _ in single)
         try:
-            with one_intra_op_thread():
+            with merging():
                 for recipes in groups.values():
                     for name, out in self.batch.merge(recipes, genome_hash).items():
                         self.views[name].copy_(out.view(self.views[name].shape))

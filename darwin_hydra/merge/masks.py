@@ -22,6 +22,8 @@ masks of a DARE pair (measured ~3 ns per element, cache-resident).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -42,20 +44,47 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _lowbias32_(x: torch.Tensor) -> torch.Tensor:
-    """In place on an int32 tensor (logical shifts emulated by masking the arithmetic ones)."""
-    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    x.mul_(_C1)
-    x.bitwise_xor_(x.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
-    x.mul_(_C2)
-    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+def _lowbias32_(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """In place on an int32 tensor (logical shifts emulated by masking the arithmetic ones);
+    ``tmp``: an int32 scratch tensor of x's size (else one is allocated per shift)."""
+    for shift, mask, mult in ((16, 0xFFFF, _C1), (15, 0x1FFFF, _C2), (16, 0xFFFF, None)):
+        t = x.bitwise_right_shift(shift) if tmp is None else torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(t.bitwise_and_(mask))
+        if mult is not None:
+            x.mul_(mult)
     return x
 
 
+_ARANGE_MAX = 1 << 22  # the largest chunk (CUDA's) that uses the cached index ramp
+_aranges: dict[torch.device, torch.Tensor] = {}
+_aranges_lock = threading.Lock()
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0, 1, ..., n-1 as int32 on ``device``, from a cache (read-only): on a CPU core, filling a
+    fresh ramp costs as much as five other int32 ops of the hash."""
+    if n > _ARANGE_MAX:
+        return torch.arange(n, dtype=torch.int32, device=device)
+    t = _aranges.get(device)
+    if t is None:
+        with _aranges_lock:
+            t = _aranges.get(device)
+            if t is None:
+                t = _aranges[device] = torch.arange(_ARANGE_MAX, dtype=torch.int32, device=device)
+    return t[:n]
+
+
 def uniform_bits(
-    seed: int, start: int, count: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None
+    seed: int,
+    start: int,
+    count: int,
+    device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """u(i) for i in [start, start + count) as int32 (see the module doc): 32 random bits per element."""
+    """u(i) for i in [start, start + count) as int32 (see the module doc): 32 random bits per element.
+    ``out``/``tmp``: int32 tensors of ``count`` elements for the result and the scratch (optional)."""
+    device = torch.device(device) if out is None else out.device
     if out is None:
         out = torch.empty(count, dtype=torch.int32, device=device)
     mult = (seed >> 32) | 1
@@ -66,10 +95,9 @@ def uniform_bits(
         n = min(count - pos, (1 << 32) - (i0 & _M32))  # stay inside one 2^32 window
         k = seed & _M32 if hi == 0 else _splitmix64(seed ^ hi) & _M32
         x = out[pos : pos + n]
-        torch.arange(n, dtype=torch.int32, device=device, out=x)
-        x.mul_(_i32(mult))
+        torch.mul(_arange(n, device), _i32(mult), out=x)
         x.add_(_i32((i0 & _M32) * mult + k))
-        _lowbias32_(x)
+        _lowbias32_(x, None if tmp is None else tmp[pos : pos + n])
         pos += n
     return out
 
@@ -90,13 +118,18 @@ def mother_bits(u: torch.Tensor) -> torch.Tensor:
     return u.bitwise_and(0xFFFF)
 
 
-def dare_mask(u: torch.Tensor, father: bool, q: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def dare_mask(
+    u: torch.Tensor, father: bool, q: int, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None
+) -> torch.Tensor:
     """Float 1.0/0.0 mask: the father's (high) or mother's (low) 16 bits of ``u`` below ``q``.
+    ``tmp``: an int32 scratch tensor of u's size (optional).
 
     The father's draw ``father_bits(u) = (u >> 16) + 32768`` is compared as ``(u >> 16) < q - 32768``.
     """
     if out is None:
         out = torch.empty(u.shape, dtype=torch.float32, device=u.device)
     if father:
-        return torch.lt(u.bitwise_right_shift(16), q - 32768, out=out)
-    return torch.lt(u.bitwise_and(0xFFFF), q, out=out)
+        bits = u.bitwise_right_shift(16) if tmp is None else torch.bitwise_right_shift(u, 16, out=tmp)
+        return torch.lt(bits, q - 32768, out=out)
+    bits = u.bitwise_and(0xFFFF) if tmp is None else torch.bitwise_and(u, 0xFFFF, out=tmp)
+    return torch.lt(bits, q, out=out)

@@ -126,17 +126,32 @@ class _Chunk:
         return _buffer(f"s{i}", self.e - self.s, dtype, self.a.device)
 
 
+def _is_stored(t) -> bool:
+    """A tensor left in its file (``io.checkpoint.StoredTensor``: ``read(start, stop)``), not in memory."""
+    return t is not None and not isinstance(t, torch.Tensor) and hasattr(t, "read")
+
+
 class Parents:
-    """One tensor of each parent, flat, on the merge device; yields float32 chunks."""
+    """One tensor of each parent, flat, on the merge device; yields float32 chunks.
+
+    A parent may be a ``StoredTensor`` (export mode, CPU, methods that ``stream``): its chunks are
+    then read from the file as they are needed."""
 
     def __init__(self, father, mother, base, device, name: str = "tensor"):
         self.name = name
         self.shape = tuple(father.shape)
         self.device = torch.device(device)
         self.roles = {"father": father, "mother": mother, "base": base}
-        self.a = father.reshape(-1).to(self.device)
-        self.b = mother.reshape(-1).to(self.device)
-        self.c = None if base is None else base.reshape(-1).to(self.device)
+
+        def flat(t):
+            if t is None or _is_stored(t):
+                if t is not None and self.device.type != "cpu":
+                    raise ValueError(f"tensor {name!r}: stored (on-disk) parents merge on the CPU only")
+                return t
+            return t.reshape(-1).to(self.device)
+
+        self.a, self.b, self.c = flat(father), flat(mother), flat(base)
+        self.stored = any(_is_stored(t) for t in (father, mother, base))
         self.n = self.a.numel()
         self.chunk = CHUNK_CUDA if self.device.type == "cuda" else CHUNK_CPU
         self.row_aligned = False  # set by methods that work per row (della)
@@ -157,22 +172,32 @@ class Parents:
             size = max(1, size // cols) * cols
         return [(s, min(self.n, s + size)) for s in range(0, self.n, size)]
 
-    def load(self, s: int, e: int, tag: str = "", check: bool = False) -> _Chunk:
-        """Chunk [s, e) in this thread's buffers ``tag``; ``check``: add its inputs to the finite check."""
+    def load(self, s: int, e: int, tag: str = "", check: tuple[str, ...] = ()) -> _Chunk:
+        """Chunk [s, e) in this thread's buffers ``tag``; ``check``: the inputs ("a", "b", "c") to
+        add to the finite check (those the kernel does not read; see ``add_to_check``)."""
         n = e - s
-        a = _buffer("a" + tag, n, torch.float32, self.device).copy_(self.a[s:e])
-        b = _buffer("b" + tag, n, torch.float32, self.device).copy_(self.b[s:e])
-        c = None if self.c is None else _buffer("c" + tag, n, torch.float32, self.device).copy_(self.c[s:e])
-        if check:
-            t = a.sum() + b.sum()
-            if c is not None:
-                t = t + c.sum()
-            self._sum = t if self._sum is None else self._sum + t
+
+        def get(src, t: str):
+            if src is None:
+                return None
+            return _buffer(t + tag, n, torch.float32, self.device).copy_(src.read(s, e) if _is_stored(src) else src[s:e])
+
+        a, b, c = get(self.a, "a"), get(self.b, "b"), get(self.c, "c")
+        for x in (a if "a" in check else None, b if "b" in check else None, c if "c" in check else None):
+            if x is not None:
+                self.add_to_check(x)
         return _Chunk(s, e, a, b, c, tag)
 
-    def chunks(self, check: bool = False):
+    def add_to_check(self, x: torch.Tensor) -> None:
+        """Add ``x``'s sum to the finite check. The merge adds every output chunk (float32, before the
+        cast): NaN and Inf propagate through every kernel's arithmetic (a dropped entry is multiplied
+        by 0, and 0 x Inf = NaN), so one sum covers all inputs a kernel reads."""
+        t = x.sum()
+        self._sum = t if self._sum is None else self._sum + t
+
+    def chunks(self):
         for s, e in self.ranges():
-            yield self.load(s, e, check=check)
+            yield self.load(s, e)
 
     def check_finite(self) -> None:
         """Raise ``NonFiniteTensorError`` naming the tensor and the parent when the summed chunks
@@ -181,13 +206,26 @@ class Parents:
             return
         for role, t in self.roles.items():
             if t is not None:
-                check_finite(t, role, self.name)
+                check_finite(t.load() if _is_stored(t) else t, role, self.name)
 
     def samples(self, which: list[str]) -> dict[str, torch.Tensor]:
         """|dA| ("a") and/or |dB| ("b") at ``select.sample_positions(n)``."""
         pos = sample_positions(self.n, self.device)
-        base = (self.a if self.c is None else self.c)[pos].float()
-        return {w: ((self.a if w == "a" else self.b)[pos].float() - base).abs_() for w in which}
+        if not self.stored:
+            base = (self.a if self.c is None else self.c)[pos].float()
+            return {w: ((self.a if w == "a" else self.b)[pos].float() - base).abs_() for w in which}
+        # parents in their files: one pass over the chunks, gathering the (ascending) positions
+        # each holds (the same float32 differences as above)
+        out = {w: torch.empty(pos.numel(), dtype=torch.float32) for w in which}
+        ranges = [(s, e) for s, e in self.ranges()]
+        cuts = torch.searchsorted(pos, torch.tensor([s for s, _ in ranges] + [self.n], dtype=pos.dtype)).tolist()
+        for (s, e), lo, hi in zip(ranges, cuts[:-1], cuts[1:]):
+            if lo == hi:
+                continue
+            ch, at = self.load(s, e, tag="sample"), pos[lo:hi] - s
+            for w in which:
+                torch.abs((ch.da() if w == "a" else ch.db())[at], out=out[w][lo:hi])
+        return out
 
 
 def check_finite(t: torch.Tensor, role: str, name: str) -> None:
@@ -269,7 +307,8 @@ def _sparsifier(kind: str | None, P: Parents, recipe, roles: tuple[str, ...]):
             q = keep_threshold(dens[which])
             if q >= 65536:
                 return d.mul_(w)
-            return d.mul_(dare_mask(ch.bits, which == "a", q, out=ch.scratch(0))).mul_(w / dens[which])
+            mask = dare_mask(ch.bits, which == "a", q, out=ch.scratch(0), tmp=ch.scratch(8, torch.int32))
+            return d.mul_(mask).mul_(w / dens[which])
 
         return dare
     if kind == "trim":
@@ -369,7 +408,7 @@ def _family_kernel(method: str, P: Parents, recipe, seed: int):
 
     def apply(ch: _Chunk) -> torch.Tensor:
         if random:
-            ch.bits = uniform_bits(seed, ch.s, ch.e - ch.s, ch.a.device, out=ch.scratch(9, torch.int32))
+            ch.bits = uniform_bits(seed, ch.s, ch.e - ch.s, out=ch.scratch(9, torch.int32), tmp=ch.scratch(8, torch.int32))
         x = sparsify(ch, "a", ch.da(), wa) if "a" in roles else None
         y = sparsify(ch, "b", ch.db(), wb) if "b" in roles else None
         if consensus == "ties":
@@ -380,7 +419,9 @@ def _family_kernel(method: str, P: Parents, recipe, seed: int):
             return ch.c if ch.c is not None else ch.a
         return delta.add_(ch.base)
 
-    return apply
+    # inputs the output does not depend on (a weightless delta): the finite check sums them itself
+    unread = tuple(r for r in ("a", "b") if r not in roles and (r == "b" or P.c is not None))
+    return apply, unread
 
 
 def _slerp_kernel(P: Parents, recipe):
@@ -439,16 +480,24 @@ def _linear_kernel(P: Parents, recipe):
 
 
 def _kernel(method: str, P: Parents, recipe, seed: int):
-    """Run ``method``'s whole-tensor statistics (if any) and return its chunk function."""
+    """Run ``method``'s whole-tensor statistics (if any) and return its chunk function and the
+    inputs ("a", "b") its output does not depend on."""
     if method == "linear":
-        return _linear_kernel(P, recipe)
+        return _linear_kernel(P, recipe), ()
     if method == "slerp":
-        return _slerp_kernel(P, recipe)
+        return _slerp_kernel(P, recipe), ()
     if method == "model_stock":
-        return _model_stock_kernel(P, recipe)
+        return _model_stock_kernel(P, recipe), ()
     if method in _FAMILY:
         return _family_kernel(method, P, recipe, seed)
     raise ValueError(f"tensor {P.name!r}: unknown merge method {method!r}; choose one of {METHODS}")
+
+
+def streams(recipe) -> bool:
+    """Whether ``merge_tensor`` reads ``recipe``'s parents chunk by chunk, so that they can stay in
+    their files (``StoredTensor``): every merge method does; a transplant (the parent's tensor
+    itself) or copied router rows need the tensors whole."""
+    return recipe.transplant_side() is None and not recipe.rows_from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,9 +523,17 @@ def merge_tensor(
     itself (a copy when ``rows_from`` replaces rows from the other parent); non-floating tensors
     (integer buffers) are the father's. NaN/Inf in an input raise
     ``NonFiniteTensorError`` naming the parent and the tensor.
+
+    Parents may be ``StoredTensor``s (left in their files): they are read chunk by chunk when the
+    recipe ``streams`` on the CPU, and loaded whole otherwise (``device`` is then required).
     """
     from darwin_hydra.merge.recipe import FATHER
 
+    if any(_is_stored(t) for t in (father, mother, base)):
+        if device is None:
+            raise ValueError(f"tensor {name!r}: stored (on-disk) parents need an explicit merge device")
+        if not (streams(recipe) and father.is_floating_point() and torch.device(device).type == "cpu"):
+            father, mother, base = (t.load() if _is_stored(t) else t for t in (father, mother, base))
     side = recipe.transplant_side()
     if side is not None:
         t = father if side == FATHER else mother
@@ -502,13 +559,15 @@ def merge_tensor(
         plan = [(recipe.blend_method, seed ^ BLEND_SALT, 1.0)]
     else:
         plan = [(recipe.method, seed, w), (recipe.blend_method, seed ^ BLEND_SALT, 1.0 - w)]
-    kernels = [(_kernel(m, P, recipe, s), wt) for m, s, wt in plan]  # runs whole-tensor statistics
+    kernels = [(*_kernel(m, P, recipe, s), wt) for m, s, wt in plan]  # runs whole-tensor statistics
+    unread = kernels[0][1]  # the first kernel's output is always in y: what it reads is checked there
     out = torch.empty(P.n, dtype=out_dtype or father.dtype, device=dev)
     for s, e in P.ranges():
         y = None
-        for i, (kernel, wt) in enumerate(kernels):
-            z = kernel(P.load(s, e, tag=str(i), check=i == 0))
+        for i, (kernel, _, wt) in enumerate(kernels):
+            z = kernel(P.load(s, e, tag=str(i), check=unread if i == 0 else ()))
             y = z if wt == 1.0 else (z.mul_(wt) if y is None else y.add_(z.mul_(wt)))
+        P.add_to_check(y)
         out[s:e].copy_(y)
     P.check_finite()
     out = out.view(P.shape)
