@@ -134,8 +134,8 @@ def _is_stored(t) -> bool:
 class Parents:
     """One tensor of each parent, flat, on the merge device; yields float32 chunks.
 
-    A parent may be a ``StoredTensor`` (export mode, CPU, methods that ``stream``): its chunks are
-    then read from the file as they are needed."""
+    A parent may be a ``StoredTensor`` (export mode on the CPU, recipes that ``streams``): its
+    chunks are then read from the file as they are needed."""
 
     def __init__(self, father, mother, base, device, name: str = "tensor"):
         self.name = name
