@@ -296,23 +296,29 @@ STREAM_RECIPES = [
     TensorRecipe(method="breadcrumbs_ties", ratio=0.5, density_a=0.8, density_b=0.7),
     TensorRecipe(method="della", ratio=0.5, density_a=0.6, density_b=0.5),
     TensorRecipe(method="ties", ratio=0.5, density_b=0.3, method_weight=0.4, blend_method="slerp"),
+    TensorRecipe(method="breadcrumbs", ratio=0.3, density_a=0.9, density_b=0.8),
+    TensorRecipe(method="della_linear", ratio=0.5, density_a=0.7, density_b=0.4),
+    TensorRecipe(method="dare_ties", ratio=0.0, density_a=0.5, density_b=0.5),
+    TensorRecipe(method="dare_ties", ratio=1.0, density_a=0.5, density_b=0.5),
+    TensorRecipe(method="task_arithmetic", ratio=0.5, scale=0.0),
 ]
 
 
-@pytest.mark.parametrize("recipe", STREAM_RECIPES, ids=lambda r: f"{r.method}-w{r.method_weight}")
-def test_parents_left_in_their_files_stream_and_give_the_same_bits(recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shape", [(700, 401), (30001,)], ids=["2d", "1d"])
+@pytest.mark.parametrize("recipe", STREAM_RECIPES, ids=lambda r: f"{r.method}-r{r.ratio}-w{r.method_weight}-s{r.scale}")
+def test_parents_left_in_their_files_stream_and_give_the_same_bits(recipe, shape, tmp_path, monkeypatch):
     """Export mode reads a streaming method's parents chunk by chunk from the files: same child, bit
     for bit, and no parent is ever loaded whole."""
     from darwin_hydra.io.checkpoint import StoredTensor
 
     monkeypatch.setattr(M, "CHUNK_CPU", 4096)  # many chunks, and one partial chunk at the end
-    tensors, stored = _stored_parents(tmp_path)
+    tensors, stored = _stored_parents(tmp_path, shape)
     assert M.streams(recipe)
     want = merge_tensor(*tensors, recipe, 77, name="w")
     monkeypatch.setattr(StoredTensor, "load", lambda self: pytest.fail("a streaming merge loaded a parent whole"))
     got = merge_tensor(*stored, recipe, 77, name="w", device="cpu")
     assert got.dtype == torch.bfloat16 and got.shape == tensors[0].shape
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # signed zeros included
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -326,25 +332,63 @@ def test_parents_left_in_their_files_are_loaded_for_a_transplant_or_a_gpu(device
     assert torch.equal(got, merge_tensor(*tensors, recipe, 5, name="w", device=device).cpu())
 
 
+# (recipe, parent the child ignores under it, shape): the finite check must still cover that parent
+IGNORED = [
+    (TensorRecipe(method="dare_ties", ratio=1.0, density_a=0.5, density_b=0.5), "father", (64, 32)),  # wA = 0
+    (TensorRecipe(method="dare_ties", ratio=0.0, density_a=0.5, density_b=0.5), "mother", (64, 32)),  # wB = 0
+    (TensorRecipe(method="task_arithmetic", ratio=0.5, scale=0.0), "mother", (64, 32)),
+    (TensorRecipe(method="linear", ratio=0.5), "base", (64, 32)),
+    (TensorRecipe(method="slerp", ratio=0.5, method_weight=0.5), "base", (64, 32)),  # slerp blended with linear
+    (TensorRecipe(method="breadcrumbs", ratio=0.5, density_b=0.1), "mother", (8,)),  # int(0.1 * 8) = 0 kept
+    (TensorRecipe(method="breadcrumbs_ties", ratio=0.5, density_a=0.5), "father", (1,)),
+]
+
+
 @pytest.mark.parametrize("where", ["memory", "file"])
-@pytest.mark.parametrize("role", ["father", "mother", "base"])
-def test_nan_in_a_parent_the_child_does_not_depend_on_is_still_reported(role, where, tmp_path):
-    """At r = 1 dare_ties ignores dA (and at r = 0 dB); the finite check still covers that parent."""
+@pytest.mark.parametrize("recipe,role,shape", IGNORED, ids=[f"{r.method}-{who}" for r, who, _ in IGNORED])
+def test_nan_in_a_parent_the_child_does_not_depend_on_is_still_reported(recipe, role, shape, where, tmp_path):
     from safetensors.torch import save_file
 
     from darwin_hydra.io.checkpoint import CheckpointReader
 
-    tensors = {"father": A.clone(), "mother": B.clone(), "base": BASE.clone()}
-    tensors[role][5, 6] = float("nan")
+    gen = torch.Generator().manual_seed(4)
+    tensors = {r: torch.randn(shape, generator=gen) for r in ("father", "mother", "base")}
+    clean = merge_tensor(*tensors.values(), recipe, 3, name="w")
+    moved = dict(tensors, **{role: tensors[role] + 1.0})  # the premise: the child ignores that parent
+    assert torch.equal(merge_tensor(*moved.values(), recipe, 3, name="w"), clean)
+    bad = dict(tensors, **{role: tensors[role].clone()})
+    bad[role].view(-1)[-1] = float("inf")
     if where == "file":
-        for r, t in tensors.items():
+        for r, t in bad.items():
             save_file({"w": t}, tmp_path / f"{r}.safetensors")
-        tensors = {r: CheckpointReader(tmp_path / f"{r}.safetensors").stored("w") for r in tensors}
-    for ratio in (0.0, 1.0):
-        with pytest.raises(NonFiniteTensorError, match=f"{role} tensor 'w'"):
-            merge_tensor(tensors["father"], tensors["mother"], tensors["base"],
-                         TensorRecipe(method="dare_ties", ratio=ratio, density_a=0.5, density_b=0.5), 3, name="w",
-                         device="cpu")
+        bad = {r: CheckpointReader(tmp_path / f"{r}.safetensors").stored("w") for r in bad}
+    with pytest.raises(NonFiniteTensorError, match=f"{role} tensor 'w' holds 0 NaN and 1 Inf"):
+        merge_tensor(bad["father"], bad["mother"], bad["base"], recipe, 3, name="w", device="cpu")
+
+
+def test_a_merge_whose_sum_overflows_checks_stored_parents_by_chunk(tmp_path, monkeypatch):
+    """Finite parents and a finite child whose float32 chunk sums overflow: the output check fires, the
+    exact check reads the stored parents a chunk at a time (no parent loaded whole), finds nothing,
+    and the merge goes on."""
+    from safetensors.torch import save_file
+
+    from darwin_hydra.io.checkpoint import CheckpointReader, StoredTensor
+
+    monkeypatch.setattr(M, "CHUNK_CPU", 4096)
+    gen = torch.Generator().manual_seed(5)
+    stored = []
+    for role in ("father", "mother", "base"):
+        save_file({"w": torch.randn(100, 100, generator=gen).abs()}, tmp_path / f"{role}.safetensors")
+        stored.append(CheckpointReader(tmp_path / f"{role}.safetensors").stored("w"))
+    calls = []
+    real = M.check_finite_stored
+    monkeypatch.setattr(M, "check_finite_stored", lambda t, role, name: calls.append(role) or real(t, role, name))
+    monkeypatch.setattr(StoredTensor, "load", lambda self: pytest.fail("loaded a parent whole"))
+    out = merge_tensor(*stored, TensorRecipe(method="linear", ratio=0.5), 1, name="w", device="cpu")
+    assert calls == [] and bool(torch.isfinite(out).all())  # an ordinary merge: no exact check at all
+    out = merge_tensor(*stored, TensorRecipe(method="task_arithmetic", ratio=0.5, scale=1e37), 1, name="w",
+                       device="cpu")
+    assert calls == ["father", "mother", "base"] and bool(torch.isfinite(out.float()).all())
 
 
 def test_stored_tensor_reads_ranges_and_refuses_what_it_cannot(tmp_path):
@@ -461,10 +505,12 @@ def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_p
     seen = []
     monkeypatch.setattr(engine, "merge_tensor", lambda *a, **k: seen.append(gc.isenabled()) or merge_tensor(*a, **k))
     assert gc.isenabled()
-    with engine.merging():
-        merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc", workers=2, progress=False)
+    merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc", workers=2, progress=False)
+    assert seen and not any(seen) and gc.isenabled() and torch.get_num_threads() == threads
+    with engine.merging():  # nested: the outer section's state holds until it ends
+        merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc2", workers=2, progress=False)
         assert not gc.isenabled() and torch.get_num_threads() == 1
-    assert gc.isenabled() and torch.get_num_threads() == threads and seen and not any(seen)
+    assert gc.isenabled() and torch.get_num_threads() == threads
     monkeypatch.undo()
     # one tensor on its own (any order, any chunking) gives the same bits
     monkeypatch.setattr(M, "CHUNK_CPU", 4096)

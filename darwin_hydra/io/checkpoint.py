@@ -167,6 +167,8 @@ class StoredTensor:
     def prefetch(self) -> None:
         """Ask the kernel to read the tensor's bytes ahead (chunked reads are small)."""
         e = self.entry
+        if e.nbytes == 0:  # a length of 0 would mean "to the end of the file"
+            return
         try:
             os.posix_fadvise(self.reader._fd(e.file), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
         except (AttributeError, OSError):
@@ -399,8 +401,8 @@ class CheckpointReader:
         """Yield ``(name, tensor)`` one at a time, in ``names`` order (default: ``self.names``, disk order)."""
         order = list(self.names if names is None else names)
         for i, name in enumerate(order):
-            if self.format == "safetensors" and i + 1 < len(order) and order[i + 1] in self._entries:
-                nxt = self._entries[order[i + 1]]
+            nxt = self._entries.get(order[i + 1]) if self.format == "safetensors" and i + 1 < len(order) else None
+            if nxt is not None and nxt.nbytes:  # (length 0 would mean "to the end of the file")
                 try:  # let the kernel read ahead the next tensor while the caller works on this one
                     os.posix_fadvise(self._fd(nxt.file), nxt.start, nxt.nbytes, os.POSIX_FADV_WILLNEED)
                 except (AttributeError, OSError):

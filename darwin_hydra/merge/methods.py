@@ -190,8 +190,9 @@ class Parents:
 
     def add_to_check(self, x: torch.Tensor) -> None:
         """Add ``x``'s sum to the finite check. The merge adds every output chunk (float32, before the
-        cast): NaN and Inf propagate through every kernel's arithmetic (a dropped entry is multiplied
-        by 0, and 0 x Inf = NaN), so one sum covers all inputs a kernel reads."""
+        cast): NaN and Inf propagate through the kernels' arithmetic (a dropped entry is multiplied
+        by 0, and 0 x Inf = NaN), so one sum covers every input the output depends on; a kernel names
+        the inputs it ignores or drops whole (``_kernel``), and their chunks are added here too."""
         t = x.sum()
         self._sum = t if self._sum is None else self._sum + t
 
@@ -205,8 +206,12 @@ class Parents:
         if self._sum is None or bool(torch.isfinite(self._sum)):
             return
         for role, t in self.roles.items():
-            if t is not None:
-                check_finite(t.load() if _is_stored(t) else t, role, self.name)
+            if t is None:
+                continue
+            if _is_stored(t):  # a chunk at a time: an overflowing but finite merge loads nothing whole
+                check_finite_stored(t, role, self.name)
+            else:
+                check_finite(t, role, self.name)
 
     def samples(self, which: list[str]) -> dict[str, torch.Tensor]:
         """|dA| ("a") and/or |dB| ("b") at ``select.sample_positions(n)``."""
@@ -228,6 +233,12 @@ class Parents:
         return out
 
 
+def _non_finite(role: str, name: str, n_nan: int, n_inf: int) -> NonFiniteTensorError:
+    return NonFiniteTensorError(
+        f"{role} tensor {name!r} holds {n_nan} NaN and {n_inf} Inf values: fix or replace that checkpoint before merging"
+    )
+
+
 def check_finite(t: torch.Tensor, role: str, name: str) -> None:
     """Raise ``NonFiniteTensorError`` if floating ``t`` holds NaN or Inf, naming ``role`` and ``name``."""
     if not t.is_floating_point():
@@ -235,10 +246,21 @@ def check_finite(t: torch.Tensor, role: str, name: str) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         n_nan = int(torch.isnan(t).sum())
-        raise NonFiniteTensorError(
-            f"{role} tensor {name!r} holds {n_nan} NaN and {int(bad.sum()) - n_nan} Inf values: fix or replace "
-            "that checkpoint before merging"
-        )
+        raise _non_finite(role, name, n_nan, int(bad.sum()) - n_nan)
+
+
+def check_finite_stored(t, role: str, name: str) -> None:
+    """As ``check_finite`` for a ``StoredTensor``, read a chunk at a time."""
+    if not t.is_floating_point():
+        return
+    n_nan = n_bad = 0
+    for s in range(0, t.numel(), CHUNK_CPU):
+        x = _buffer("a", min(CHUNK_CPU, t.numel() - s), torch.float32, torch.device("cpu")).copy_(t.read(s, min(t.numel(), s + CHUNK_CPU)))
+        if not bool(torch.isfinite(x.sum())):
+            n_nan += int(torch.isnan(x).sum())
+            n_bad += int((~torch.isfinite(x)).sum())
+    if n_bad:
+        raise _non_finite(role, name, n_nan, n_bad - n_nan)
 
 
 def check_finite_chunked(t: torch.Tensor, role: str, name: str) -> None:
@@ -340,12 +362,14 @@ def _sparsifier(kind: str | None, P: Parents, recipe, roles: tuple[str, ...]):
             b_hi = RankBoundary(hi, *next(vals)) if 0 < hi < P.n else None
             bounds[which] = (b_lo, b_hi)
 
+        empty = {which for which, (lo, hi) in window.items() if hi <= lo or lo >= P.n}
+
         def crumbs(ch, which, d, w):
             if which not in window:
                 return d.mul_(w)
             lo, hi = window[which]
             b_lo, b_hi = bounds[which]
-            if hi <= lo or lo >= P.n:
+            if which in empty:
                 return d.zero_()
             a = torch.abs(d, out=ch.scratch(0))
             if b_lo is not None:
@@ -354,6 +378,7 @@ def _sparsifier(kind: str | None, P: Parents, recipe, roles: tuple[str, ...]):
                 d.mul_(b_hi.mask(a, ch.scratch(1), ch.scratch(2)).neg_().add_(1.0))
             return d.mul_(w)
 
+        crumbs.discards = empty  # deltas dropped whole: the finite check covers their parent apart
         return crumbs
     if kind == "della":
         eps = recipe.epsilon
@@ -419,8 +444,10 @@ def _family_kernel(method: str, P: Parents, recipe, seed: int):
             return ch.c if ch.c is not None else ch.a
         return delta.add_(ch.base)
 
-    # inputs the output does not depend on (a weightless delta): the finite check sums them itself
-    unread = tuple(r for r in ("a", "b") if r not in roles and (r == "b" or P.c is not None))
+    # inputs the output does not depend on (a weightless delta, or one dropped whole): the finite
+    # check sums them itself
+    gone = getattr(sparsify, "discards", set())
+    unread = tuple(r for r in ("a", "b") if (r not in roles or r in gone) and (r == "b" or P.c is not None))
     return apply, unread
 
 
@@ -481,11 +508,12 @@ def _linear_kernel(P: Parents, recipe):
 
 def _kernel(method: str, P: Parents, recipe, seed: int):
     """Run ``method``'s whole-tensor statistics (if any) and return its chunk function and the
-    inputs ("a", "b") its output does not depend on."""
+inputs ("a", "b", "c") its output does not depend on."""
+    no_base = ("c",) if P.c is not None else ()  # linear and slerp read only A and B
     if method == "linear":
-        return _linear_kernel(P, recipe), ()
+        return _linear_kernel(P, recipe), no_base
     if method == "slerp":
-        return _slerp_kernel(P, recipe), ()
+        return _slerp_kernel(P, recipe), no_base
     if method == "model_stock":
         return _model_stock_kernel(P, recipe), ()
     if method in _FAMILY:
