@@ -591,6 +591,39 @@ def test_in_memory_merger_names_a_nan_parent_tensor_at_once(parents):
         InMemoryMerger(AutoModelForCausalLM.from_pretrained(father.path).eval(), *tensors)
 
 
+def test_export_keeps_its_tensors_in_flight_under_the_memory_bound(parents, tmp_path, monkeypatch):
+    """max_inflight_bytes bounds what is scheduled at once (one tensor always may): at 1 byte the
+    workers take one tensor at a time; with room they overlap. Same child either way."""
+    import threading
+    import time
+
+    from darwin_hydra.merge import engine
+
+    base, father, mother = _readers(parents)
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def counted(*a, **k):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.005)
+        try:
+            return merge_tensor(*a, **k)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(engine, "merge_tensor", counted)
+    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
+    one = merge_to_disk(father, mother, base, rmap, "h", tmp_path / "one", workers=3, progress=False,
+                        max_inflight_bytes=1, dtype="float32")
+    assert peak[0] == 1
+    peak[0] = 0
+    many = merge_to_disk(father, mother, base, rmap, "h", tmp_path / "many", workers=3, progress=False, dtype="float32")
+    assert peak[0] > 1
+    assert _checksums(one) == _checksums(many)
+
+
 def test_export_writes_the_requested_dtype(parents, tmp_path):
     base, father, mother = _readers(parents)
     rmap = RatioMap({n: TensorRecipe(method="linear", ratio=0.5) for n in father.names})

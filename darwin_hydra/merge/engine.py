@@ -202,8 +202,12 @@ def merge_to_disk(
     roles = 3 if base is not None else 2
 
     def cost(name: str) -> int:
-        """Bytes a tensor holds in flight: its output, plus its inputs unless they stream."""
-        return (1 if streamed(name) else roles + 1) * father.nbytes(name)
+        """Bytes a tensor holds in flight: its output (in ``dtype`` when given), plus its inputs
+        unless they stream."""
+        nbytes = father.nbytes(name)
+        dt = father.dtype(name)
+        out = nbytes if out_dtype is None or not dt.is_floating_point else nbytes // dt.itemsize * out_dtype.itemsize
+        return out + (0 if streamed(name) else roles * nbytes)
 
     total = sum(father.nbytes(n) for n in names)
     with merging(), CheckpointWriter(
