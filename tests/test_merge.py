@@ -381,8 +381,8 @@ def test_a_merge_whose_sum_overflows_checks_stored_parents_by_chunk(tmp_path, mo
         save_file({"w": torch.randn(100, 100, generator=gen).abs()}, tmp_path / f"{role}.safetensors")
         stored.append(CheckpointReader(tmp_path / f"{role}.safetensors").stored("w"))
     calls = []
-    real = M.check_finite_stored
-    monkeypatch.setattr(M, "check_finite_stored", lambda t, role, name: calls.append(role) or real(t, role, name))
+    real = M.check_finite_chunked
+    monkeypatch.setattr(M, "check_finite_chunked", lambda t, role, name: calls.append(role) or real(t, role, name))
     monkeypatch.setattr(StoredTensor, "load", lambda self: pytest.fail("loaded a parent whole"))
     out = merge_tensor(*stored, TensorRecipe(method="linear", ratio=0.5), 1, name="w", device="cpu")
     assert calls == [] and bool(torch.isfinite(out).all())  # an ordinary merge: no exact check at all

@@ -38,6 +38,7 @@ _section_lock = threading.Lock()
 _section_users = 0
 _section_saved: tuple[int, bool] = (1, True)
 
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
     device = str(device)
@@ -153,8 +154,9 @@ def merge_to_disk(
     ``ratio_map[name]`` by one of ``workers`` threads (0 = one per core) and written as soon as
     the tensors before it are. A merged tensor (``methods.streams``: not a transplant) is read
     chunk by chunk from the parents' safetensors files on the CPU and holds only its output in
-    flight; a transplant, a CUDA merge or a pickled parent holds its inputs too (about 4 x its size). No more than ``max_inflight_bytes`` of that is scheduled at once
-    (one tensor always may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
+    flight; a transplant, a CUDA merge or a pickled parent holds its inputs too (about 4 x its
+    size). No more than ``max_inflight_bytes`` of that is scheduled at once (one tensor always
+    may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
     Everything lands in ``out_dir`` atomically (``CheckpointWriter``), with ``checksums.json`` and
     ``extra_files`` (relative path -> text); on any error nothing named ``out_dir`` is left.
     """

@@ -131,6 +131,11 @@ def _is_stored(t) -> bool:
     return t is not None and not isinstance(t, torch.Tensor) and hasattr(t, "read")
 
 
+def _span(flat, s: int, e: int) -> torch.Tensor:
+    """Elements [s, e) of a flat tensor or of a ``StoredTensor`` (read from its file)."""
+    return flat.read(s, e) if _is_stored(flat) else flat[s:e]
+
+
 class Parents:
     """One tensor of each parent, flat, on the merge device; yields float32 chunks.
 
@@ -180,7 +185,7 @@ class Parents:
         def get(src, t: str):
             if src is None:
                 return None
-            return _buffer(t + tag, n, torch.float32, self.device).copy_(src.read(s, e) if _is_stored(src) else src[s:e])
+            return _buffer(t + tag, n, torch.float32, self.device).copy_(_span(src, s, e))
 
         a, b, c = get(self.a, "a"), get(self.b, "b"), get(self.c, "c")
         for x in (a if "a" in check else None, b if "b" in check else None, c if "c" in check else None):
@@ -209,7 +214,7 @@ class Parents:
             if t is None:
                 continue
             if _is_stored(t):  # a chunk at a time: an overflowing but finite merge loads nothing whole
-                check_finite_stored(t, role, self.name)
+                check_finite_chunked(t, role, self.name)
             else:
                 check_finite(t, role, self.name)
 
@@ -222,7 +227,7 @@ class Parents:
         # parents in their files: one pass over the chunks, gathering the (ascending) positions
         # each holds (the same float32 differences as above)
         out = {w: torch.empty(pos.numel(), dtype=torch.float32) for w in which}
-        ranges = [(s, e) for s, e in self.ranges()]
+        ranges = self.ranges()
         cuts = torch.searchsorted(pos, torch.tensor([s for s, _ in ranges] + [self.n], dtype=pos.dtype)).tolist()
         for (s, e), lo, hi in zip(ranges, cuts[:-1], cuts[1:]):
             if lo == hi:
@@ -249,31 +254,32 @@ def check_finite(t: torch.Tensor, role: str, name: str) -> None:
         raise _non_finite(role, name, n_nan, int(bad.sum()) - n_nan)
 
 
-def check_finite_stored(t, role: str, name: str) -> None:
-    """As ``check_finite`` for a ``StoredTensor``, read a chunk at a time."""
+def check_finite_chunked(t, role: str, name: str) -> None:
+    """As ``check_finite``, a chunk at a time: a float32 sum per chunk, and only when their total is
+    not finite a second pass that counts exactly. ``t``: a tensor, or a ``StoredTensor`` (read from
+    its file; never loaded whole)."""
     if not t.is_floating_point():
+        return
+    n = t.numel()
+    src = t if _is_stored(t) else t.reshape(-1)
+    device = torch.device("cpu") if _is_stored(t) else src.device
+
+    def chunks():
+        for s in range(0, n, CHUNK_CPU):
+            e = min(n, s + CHUNK_CPU)
+            yield _buffer("a", e - s, torch.float32, device).copy_(_span(src, s, e))
+
+    total = None
+    for x in chunks():
+        total = x.sum() if total is None else total + x.sum()
+    if total is None or bool(torch.isfinite(total)):
         return
     n_nan = n_bad = 0
-    for s in range(0, t.numel(), CHUNK_CPU):
-        x = _buffer("a", min(CHUNK_CPU, t.numel() - s), torch.float32, torch.device("cpu")).copy_(t.read(s, min(t.numel(), s + CHUNK_CPU)))
-        if not bool(torch.isfinite(x.sum())):
-            n_nan += int(torch.isnan(x).sum())
-            n_bad += int((~torch.isfinite(x)).sum())
+    for x in chunks():
+        n_nan += int(torch.isnan(x).sum())
+        n_bad += int((~torch.isfinite(x)).sum())
     if n_bad:
         raise _non_finite(role, name, n_nan, n_bad - n_nan)
-
-
-def check_finite_chunked(t: torch.Tensor, role: str, name: str) -> None:
-    """As ``check_finite``, a chunk at a time (a float32 sum per chunk, exact count only on failure)."""
-    if not t.is_floating_point():
-        return
-    flat = t.reshape(-1)
-    total = None
-    for s in range(0, flat.numel(), CHUNK_CPU):
-        x = _buffer("a", min(CHUNK_CPU, flat.numel() - s), torch.float32, flat.device).copy_(flat[s : s + CHUNK_CPU]).sum()
-        total = x if total is None else total + x
-    if total is not None and not bool(torch.isfinite(total)):
-        check_finite(t, role, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,7 +514,7 @@ def _linear_kernel(P: Parents, recipe):
 
 def _kernel(method: str, P: Parents, recipe, seed: int):
     """Run ``method``'s whole-tensor statistics (if any) and return its chunk function and the
-inputs ("a", "b", "c") its output does not depend on."""
+    inputs ("a", "b", "c") its output does not depend on."""
     no_base = ("c",) if P.c is not None else ()  # linear and slerp read only A and B
     if method == "linear":
         return _linear_kernel(P, recipe), no_base
