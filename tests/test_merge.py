@@ -252,6 +252,14 @@ def test_rows_from_applies_to_a_transplanted_router_too():
     assert not torch.equal(big[2], out[2]) and big.data_ptr() != out.data_ptr()  # the mother's tensor is untouched
     r_hi = TensorRecipe(ratio=0.95, t_lo=0.15, t_hi=0.85, rows_from=(("father", (2,)),))
     assert torch.allclose(merge_tensor(A, big, None, r_hi, 0)[2], A[2] * s)
+    # the revive gain multiplies the copied rows only, and survives the ratio map's JSON
+    g = TensorRecipe(ratio=0.5, source="mother", rows_from=(("father", (2,)),), rows_gain=2.5)
+    out_g = merge_tensor(A, big, None, g, 0)
+    assert torch.allclose(out_g[2], A[2] * s * 2.5) and torch.equal(out_g[rest], big[rest])
+    assert RatioMap.from_json(RatioMap({"gate": g}).to_json())["gate"] == g
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="rows_gain"):
+            TensorRecipe(rows_gain=bad)
 
 
 @pytest.mark.parametrize("role", ["father", "mother", "base"])

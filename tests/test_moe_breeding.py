@@ -66,14 +66,33 @@ def test_revived_experts_are_the_fathers_bit_for_bit(parents, tmp_path):
     assert not torch.equal(child.get(n), father.get(n))
 
 
-def _assert_revived_rows(child, father, layer, experts):
-    # The router rows of revived experts are the father's, at the scale of the child's other rows.
+def _assert_revived_rows(child, father, layer, experts, gain=1.0):
+    # The router rows of revived experts are the father's, at the scale of the child's other rows
+    # (times the genome's revive gain).
     gate = f"model.layers.{layer}.mlp.gate.weight"
     g_child, g_father = child.get(gate).float(), father.get(gate).float()
     rest = [e for e in range(g_child.shape[0]) if e not in experts]
-    s = g_child[rest].norm(dim=-1).mean() / g_father[rest].norm(dim=-1).mean()
+    s = gain * g_child[rest].norm(dim=-1).mean() / g_father[rest].norm(dim=-1).mean()
     for e in range(g_child.shape[0]):
         assert torch.allclose(g_child[e], g_father[e] * s, rtol=1e-2, atol=1e-6) == (e in experts), (gate, e)
+
+
+def test_reviving_genome_evolves_the_router_row_gain(parents, tmp_path):
+    base, father, mother = parents
+    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg.revive_dead_experts = True
+    sp = GenomeSpace.from_config(cfg, L)
+    assert sp.genes[-1] == "revive_gain" and sp.bounds["revive_gain"] == (0.0, 1.0)
+    cfg.fixed = {"revive_gain": 0.0}  # pinned: no gene, the plain row-norm rule
+    assert "revive_gain" not in GenomeSpace.from_config(cfg, L).genes
+    revive = {2: [1, 5]}
+    rmap = genome_ratio_map(sp, genes(sp) | {"revive_gain": 0.5}, father.names, None, L, None, None, revive=revive)
+    assert rmap["model.layers.2.mlp.gate.weight"].rows_gain == pytest.approx(2.0)
+    child = CheckpointReader(merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", progress=False))
+    _assert_revived_rows(child, father, 2, [1, 5], gain=2.0)
+    for part in ("gate_proj", "up_proj", "down_proj"):  # the gain touches the router rows only
+        n = f"model.layers.2.mlp.experts.5.{part}.weight"
+        assert torch.equal(child.get(n), father.get(n)), n
 
 
 def test_revival_under_the_mothers_router_takes_the_fathers_rows(parents, tmp_path):

@@ -577,7 +577,7 @@ def merge_tensor(
         t = t if device is None else t.to(device)
         rows = tuple((who, r) for who, r in (recipe.rows_from or ()) if who != side)  # its own rows: as they are
         if rows:
-            t = _rows_from(t.clone(), rows, father, mother, name)
+            t = _rows_from(t.clone(), rows, father, mother, name, recipe.rows_gain)
         return t
     if not father.is_floating_point():
         return father if device is None else father.to(device)
@@ -606,16 +606,18 @@ def merge_tensor(
     P.check_finite()
     out = out.view(P.shape)
     if recipe.rows_from:
-        out = _rows_from(out, recipe.rows_from, father, mother, name)
+        out = _rows_from(out, recipe.rows_from, father, mother, name, recipe.rows_gain)
     return out
 
 
-def _rows_from(out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows ``rows`` of ``out`` (in place) from parent ``who``, scaled by s = mean ||out_j|| / mean
-    ||src_j|| over the rows j that no entry replaces: a router row keeps its direction from the
-    parent it comes from and competes at the scale of the child's router (a fine-tune's router can
-    have rows 10x longer than the base's; an unscaled row from the other parent would then never
-    win a top-k)."""
+def _rows_from(
+    out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch.Tensor, name: str, gain: float = 1.0
+) -> torch.Tensor:
+    """Rows ``rows`` of ``out`` (in place) from parent ``who``, scaled by gain * s, s = mean ||out_j||
+    / mean ||src_j|| over the rows j that no entry replaces: a router row keeps its direction from
+    the parent it comes from and competes at the scale of the child's router (a fine-tune's router
+    can have rows 10x longer than the base's; an unscaled row from the other parent would then never
+    win a top-k); ``gain`` (the genome's revive_gain) lets it compete harder."""
     from darwin_hydra.merge.recipe import FATHER
 
     n = out.shape[0]
@@ -634,6 +636,7 @@ def _rows_from(out: torch.Tensor, rows_from, father: torch.Tensor, mother: torch
         if num is not None:
             den = src[rest.to(src.device)].float().norm(dim=-1).mean().to(num.device)
             s = float(num / den) if float(den) > 0 else 1.0
+        s *= gain
         rows_src = src[idx.to(src.device)].to(device=out.device, dtype=torch.float32)
         out[idx.to(out.device)] = (rows_src if s == 1.0 else rows_src * s).to(out.dtype)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -28,8 +29,8 @@ class TensorRecipe:
     Transplant: r < t_lo takes the father's tensor as is, r > t_hi the mother's (None = never).
     ``source`` forces a whole tensor from "father" or "mother" whatever r is (router source,
     revived experts); ``rows_from`` copies listed rows from a parent after merging or
-    transplanting, scaled to the mean row norm of the child's other rows (the router rows of
-    revived experts; ``methods._rows_from``).
+    transplanting, scaled to the mean row norm of the child's other rows times ``rows_gain`` (the
+    router rows of revived experts; ``methods._rows_from``).
     """
 
     method: str = "dare_ties"
@@ -46,6 +47,7 @@ class TensorRecipe:
     slerp_eps: float = 5e-4
     source: Optional[str] = None
     rows_from: Optional[tuple[tuple[str, tuple[int, ...]], ...]] = None
+    rows_gain: float = 1.0
 
     def __post_init__(self):
         for m in (self.method, self.blend_method):
@@ -58,6 +60,8 @@ class TensorRecipe:
                 raise ValueError(f"density {d} must lie in (0, 1]")
         if self.source not in (None, FATHER, MOTHER):
             raise ValueError(f"tensor source {self.source!r} must be 'father', 'mother' or None")
+        if not (math.isfinite(self.rows_gain) and self.rows_gain > 0.0):
+            raise ValueError(f"rows_gain {self.rows_gain} must be a finite number > 0")
         if not 0.0 <= self.method_weight <= 1.0:
             raise ValueError(f"method_weight {self.method_weight} must lie in [0, 1]")
         if not 0.0 <= self.gamma < 1.0 or self.epsilon < 0.0 or not 0.0 <= self.slerp_eps < 1.0:

@@ -47,7 +47,17 @@ DEFAULTS = {
     "density_b": 1.0,
     "mri_trust": 0.0,
     "merge_method_weight": 1.0,
+    "revive_gain": 0.0,
 }
+# MoE revival: the revived experts' router rows are scaled by REVIVE_GAIN_MAX ** revive_gain on top
+# of the row-norm rule (search/recipe.py), so the gene spans 1x..4x; a space whose genome revives
+# dead experts gets the gene unless genome.fixed pins it
+REVIVE_GAIN_MAX = 4.0
+
+
+def revive_gain(value: float) -> float:
+    """The revived router rows' extra scale of a ``revive_gain`` gene value in [0, 1]."""
+    return REVIVE_GAIN_MAX ** float(value)
 
 
 def logit(p: float) -> float:
@@ -75,6 +85,10 @@ class GenomeSpace:
         layer (per component with per_component). Unknown genes or missing bounds are errors."""
         genes = list(cfg.genes)
         bounds = {k: tuple(float(x) for x in v) for k, v in dict(cfg.bounds).items()}
+        fixed = {k: float(v) for k, v in dict(cfg.fixed).items()}
+        if getattr(cfg, "revive_dead_experts", False) and "revive_gain" not in genes and "revive_gain" not in fixed:
+            genes.append("revive_gain")  # how hard the revived experts' router rows compete (1x..4x)
+            bounds.setdefault("revive_gain", (0.0, 1.0))
         if cfg.layerwise:
             layer_bounds = bounds.pop("layer", (0.0, 1.0))
             for layer in range(num_layers):
@@ -99,7 +113,7 @@ class GenomeSpace:
             name=str(cfg.name),
             genes=tuple(genes),
             bounds=bounds,
-            fixed={k: float(v) for k, v in dict(cfg.fixed).items()},
+            fixed=fixed,
             blend_method=str(cfg.blend_method),
         )
 

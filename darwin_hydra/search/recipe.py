@@ -8,9 +8,12 @@ MoE rules (applied after the genome's ratios):
 - dead-expert revival: an expert dead in the mother's MoE scan and alive in the father's takes all
   of the father's weights for that expert, and the router rows that score that expert (row e of
   ``mlp.gate.weight``) are the father's, scaled to the mean row norm of the child's router (also when
-  the router is taken whole from the mother): tokens reach the revived expert the way they reached
-  it in the father, at the scale the child's router scores the others, while the other rows follow
-  the router's own recipe.
+  the router is taken whole from the mother) times g = 4 ** revive_gain: tokens reach the revived
+  expert the way they reached it in the father, at the scale the child's router scores the others
+  (g = 1) or up to 4x harder, while the other rows follow the router's own recipe. ``revive_gain``
+  is a gene a reviving genome evolves (``GenomeSpace.from_config``; ``genome.fixed.revive_gain=0``
+  pins g = 1): the father's row points where the father's hidden states lay, and the child's
+  hidden states (the mother's, in the layers she trained) can score it lower than the father did.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from darwin_hydra.arch import EXPERT, ROUTER, tensor_info
 from darwin_hydra.merge.recipe import FATHER, MOTHER, RatioMap, TensorRecipe
-from darwin_hydra.search.genome import GenomeSpace, digest, genome_hash, tensor_ratios
+from darwin_hydra.search.genome import GenomeSpace, digest, genome_hash, revive_gain, tensor_ratios
 
 ROUTER_SOURCES = (FATHER, MOTHER, "merge")
 
@@ -43,8 +46,10 @@ def apply_moe_rules(
     num_layers: int,
     router_source: Sequence[str] | None = None,
     revive: Mapping[int, Sequence[int]] | None = None,
+    gain: float = 1.0,
 ) -> dict[str, TensorRecipe]:
-    """Router source per block and dead-expert revival on top of a recipe map (see module doc)."""
+    """Router source per block and dead-expert revival on top of a recipe map (see module doc);
+    ``gain``: the revived router rows' extra scale (``genome.revive_gain``)."""
     if router_source:
         bad = [s for s in router_source if s not in ROUTER_SOURCES]
         if bad:
@@ -64,7 +69,7 @@ def apply_moe_rules(
             if info.component == EXPERT and info.expert in experts:
                 out[name] = replace(out[name], source=FATHER)
             elif info.component == ROUTER and "shared_expert_gate" not in name and out[name].transplant_side() != FATHER:
-                out[name] = replace(out[name], rows_from=((FATHER, experts),))
+                out[name] = replace(out[name], rows_from=((FATHER, experts),), rows_gain=gain)
     return out
 
 
@@ -100,7 +105,7 @@ def genome_ratio_map(
             t_hi=t_hi,
         )
     if router_source or revive:
-        recipes = apply_moe_rules(recipes, num_layers, router_source, revive)
+        recipes = apply_moe_rules(recipes, num_layers, router_source, revive, revive_gain(genes["revive_gain"]))
     return RatioMap(recipes)
 
 
