@@ -143,7 +143,9 @@ def test_masks_are_a_function_of_seed_and_index():
     assert fb.min() >= 0 and fb.max() <= 65535 and mb.min() >= 0 and mb.max() <= 65535
     assert abs(fb.mean() / 65535 - 0.5) < 0.01 and abs(mb.mean() / 65535 - 0.5) < 0.01
     assert abs(torch.corrcoef(torch.stack([fb, mb]))[0, 1]) < 0.01  # father's and mother's masks independent
-    for q in (1, 20_000, 65_535):
+    edges = torch.tensor([-(2**31), -(2**31) + 65535, -1, 0, 65535, 65536, 2**31 - 65537, 2**31 - 1], dtype=torch.int32)
+    full = torch.cat([full, edges])  # the draws at the ends of the int32 range and around 0
+    for q in (0, 1, 20_000, 32_767, 32_768, 32_769, 65_535):
         assert torch.equal(dare_mask(full, True, q), (father_bits(full) < q).float())
         assert torch.equal(dare_mask(full, False, q), (mother_bits(full) < q).float())
 

@@ -124,12 +124,15 @@ def dare_mask(
     """Float 1.0/0.0 mask: the father's (high) or mother's (low) 16 bits of ``u`` below ``q``.
     ``tmp``: an int32 scratch tensor of u's size (optional).
 
-    The father's draw ``father_bits(u) = (u >> 16) + 32768`` is compared as ``(u >> 16) < q - 32768``.
+    The father's draw ``father_bits(u) = (u >> 16) + 32768`` is compared as ``(u >> 16) < q - 32768``,
+    i.e. ``u < (q - 32768) * 65536`` (floor(u / 2^16) < t iff u < t * 2^16 for an integer t; in int32
+    range for q < 65536): one op.
     """
     if out is None:
         out = torch.empty(u.shape, dtype=torch.float32, device=u.device)
     if father:
-        bits = u.bitwise_right_shift(16) if tmp is None else torch.bitwise_right_shift(u, 16, out=tmp)
-        return torch.lt(bits, q - 32768, out=out)
+        if not 0 <= q < 65536:
+            raise ValueError(f"keep threshold q={q} outside [0, 65536) (density 1 draws no mask)")
+        return torch.lt(u, (q - 32768) * 65536, out=out)
     bits = u.bitwise_and(0xFFFF) if tmp is None else torch.bitwise_and(u, 0xFFFF, out=tmp)
     return torch.lt(bits, q, out=out)
