@@ -176,7 +176,7 @@ def test_hash_follows_the_config_but_not_the_worker_count():
 # ---------------------------------------------------------------------------------- config, splits
 
 
-@pytest.mark.parametrize("name", ["default", "tiny"])
+@pytest.mark.parametrize("name", ["default", "tiny", "revival"])
 def test_zoo_yaml_keys_are_exactly_the_dataclass_fields(name):
     data = yaml.safe_load((CONF / "zoo" / f"{name}.yaml").read_text())
     assert set(data) == {f.name for f in fields(ZooConfig)}
@@ -190,6 +190,14 @@ def test_zoo_yaml_keys_are_exactly_the_dataclass_fields(name):
 def test_default_yaml_is_the_dataclass_default():
     # conf/zoo/default.yaml and ZooConfig() describe the same zoo (one cache entry, not two).
     assert zoo_hash(load_zoo_config("default")) == zoo_hash(ZooConfig())
+
+
+def test_revival_zoo_is_the_default_whose_mother_keeps_no_rev():
+    # issue 8's stage: one change to the default recipe (README figures), kept in step with it
+    rev, default = load_zoo_config("revival"), load_zoo_config("default")
+    assert rev.mother.keep == {**default.mother.keep, "rev": 0.0} and default.mother.keep["rev"] > 0
+    rev.mother.keep, rev.name = dict(default.mother.keep), default.name
+    assert zoo_hash(rev) == zoo_hash(default)
 
 
 def test_config_errors_name_the_option():
