@@ -252,7 +252,7 @@ def load_zoo_config(name_or_path: str = "default", overrides: list[str] | None =
     if not path.suffix:
         path = Path(str(files("darwin_hydra_conf") / "zoo" / f"{name_or_path}.yaml"))
     if not path.is_file():
-        raise FileNotFoundError(f"zoo config {name_or_path!r}: {path} does not exist (try 'default' or 'tiny')")
+        raise FileNotFoundError(f"zoo config {name_or_path!r}: {path} does not exist (try 'default', 'revival' or 'tiny')")
     node = OmegaConf.merge(OmegaConf.structured(ZooConfig), OmegaConf.load(path))
     if overrides:
         node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
