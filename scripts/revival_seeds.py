@@ -53,6 +53,7 @@ def main() -> None:
 
     from darwin_hydra.evaluate.benchmark import evaluate_model
     from darwin_hydra.evaluate.stats import paired_bootstrap
+    from darwin_hydra.search.genome import revive_gain
     from darwin_hydra.zoo import default_cache_dir, ensure_zoo
     from darwin_hydra.zoo.config import load_zoo_config
 
@@ -77,7 +78,7 @@ def main() -> None:
             gain = genome.get("genes", {}).get("revive_gain")
             print(f"seed {seed} {'with' if revive else 'without':7s} revival: dead experts father {moe['father']['dead']}, "
                   f"mother {moe['mother']['dead']}, child {moe['child']['dead']}; child test mean {mean:.1f}"
-                  + (f"; revived {genome.get('revived_experts')}, revive_gain {gain:.3f} (x{4 ** gain:.2f})"
+                  + (f"; revived {genome.get('revived_experts')}, revive_gain {gain:.3f} (x{revive_gain(gain):.2f})"
                      if revive and gain is not None else ""), flush=True)
         d, lo, hi = paired_bootstrap(scores[True][-1], scores[False][-1])
         print(f"seed {seed}: with - without {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", flush=True)

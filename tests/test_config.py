@@ -62,6 +62,21 @@ def test_bounds_override_narrows_one_gene():
     assert list(cfg.genome.bounds.global_ratio) == [0.0, 1.0]
 
 
+def test_revive_gain_overrides_compose_and_are_checked():
+    from darwin_hydra.search.genome import GenomeSpace
+
+    cfg = _compose(["parents=zoo_moe", "genome.revive_dead_experts=true", "+genome.bounds.revive_gain=[0.0,0.5]"])
+    assert GenomeSpace.from_config(cfg.genome, 8).bounds["revive_gain"] == (0.0, 0.5)
+    cfg = _compose(["parents=zoo_moe", "genome.revive_dead_experts=true", "+genome.fixed.revive_gain=0"])
+    assert "revive_gain" not in GenomeSpace.from_config(cfg.genome, 8).genes
+    cfg = _compose(["genome.revive_dead_experts=true", "+genome.fixed.revive_gain=2"])
+    with pytest.raises(ValueError, match=r"genome.fixed.revive_gain=2.0 must lie in \[0, 1\]"):
+        GenomeSpace.from_config(cfg.genome, 8)
+    cfg = _compose(["+genome.bounds.revive_gain=[0.0,0.5]"])
+    with pytest.raises(ValueError, match="only with genome.revive_dead_experts=true"):
+        GenomeSpace.from_config(cfg.genome, 8)
+
+
 def test_cli_prints_composed_config_from_any_directory(tmp_path):
     exe = Path(sys.executable).with_name("darwin-hydra")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "darwin_hydra.cli"]

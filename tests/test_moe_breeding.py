@@ -95,6 +95,27 @@ def test_reviving_genome_evolves_the_router_row_gain(parents, tmp_path):
         assert torch.equal(child.get(n), father.get(n)), n
 
 
+def test_revive_gain_pinned_at_zero_keeps_the_hashes_from_before_the_gene():
+    # a genome found before revive_gain existed (no value for it) rebuilds its child: same space, same
+    # genome hash (so the same DARE masks), gain 1
+    from darwin_hydra.search.recipe import hash_genome, space_for_genome
+
+    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg.revive_dead_experts = True
+    evolved = GenomeSpace.from_config(cfg, 8)
+    old_genes = {g: 0.5 for g in evolved.genes if g != "revive_gain"}
+    space = space_for_genome(evolved, old_genes)
+    assert "revive_gain" not in space.genes and space.fixed["revive_gain"] == 0.0
+    assert space_for_genome(evolved, old_genes | {"revive_gain": 0.3}) is evolved
+    cfg.fixed = {"revive_gain": 0.0}
+    assert GenomeSpace.from_config(cfg, 8) == space
+    args = ({"father": "f", "mother": "m"}, {}, 0.15, 0.85, None, {1: [3, 4]})
+    assert hash_genome(space, old_genes, *args) == "5482ba12d16fb7a2"  # computed by the code before the gene (0ba3eb8)
+    assert hash_genome(evolved, old_genes | {"revive_gain": 0.0}, *args) != "5482ba12d16fb7a2"  # another space
+    rmap = genome_ratio_map(space, old_genes, ["model.layers.1.mlp.gate.weight"], None, 8, None, None, revive={1: [3, 4]})
+    assert rmap["model.layers.1.mlp.gate.weight"].rows_gain == 1.0
+
+
 def test_revival_under_the_mothers_router_takes_the_fathers_rows(parents, tmp_path):
     # Darwin-35B-A3B's recipe: the mother's routers (B, B, A) and her dead experts revived.
     base, father, mother = parents

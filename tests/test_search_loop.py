@@ -50,6 +50,16 @@ def test_early_stop_with_patience(tmp_path):
     assert res.stopped_early and res.benchmark_evaluations == 4  # first trial sets best, then 3 without gain
 
 
+def test_resuming_a_study_of_another_genome_space_names_the_missing_gene(tmp_path):
+    run(tmp_path, phase1_trials=3, phase2_trials=0)
+    cfg = OmegaConf.load("conf/genome/darwin_v5.yaml")
+    cfg.revive_dead_experts = True  # the same space plus revive_gain
+    sp = GenomeSpace.from_config(cfg, 4)
+    with pytest.raises(ValueError, match=r"no value for gene\(s\) \['revive_gain'\]"):
+        search(sp, sp.centre(), sphere, sphere, storage=f"sqlite:///{tmp_path}/study.db", study_name="s", seed=0,
+               phase1_trials=5, phase2_top_k=1, phase2_trials=0, patience=100, min_delta=0.0)
+
+
 def test_resume_after_sigkill_keeps_finished_trials_and_reruns_the_killed_one(tmp_path):
     db = tmp_path / "study.db"
     script = textwrap.dedent(f"""

@@ -29,6 +29,11 @@ def recipe_section(ctx, recipe) -> str:
         lines.append(f"- DARE densities: father {full.get('density_a', 1.0):.4f}, mother {full.get('density_b', 1.0):.4f}")
         lines.append(f"- merge_method_weight: {full.get('merge_method_weight', 1.0):.4f} "
                      f"(dare_ties share; the rest is {cfg.genome.blend_method})")
+        if recipe.genome.get("revived_experts"):
+            from darwin_hydra.search.genome import revive_gain
+
+            g = full.get("revive_gain", 0.0)
+            lines.append(f"- revived experts' router rows: x{revive_gain(g):.2f} the row-norm rule (revive_gain {g:.4f})")
         lines.append("")
         lines.append("| gene | value |")
         lines.append("|---|---|")

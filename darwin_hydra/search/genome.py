@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from darwin_hydra.arch import ATTN, EMBED, EXPERT, FFN, HEAD, ROUTER, SHARED_EXPERT, tensor_info
@@ -108,7 +108,11 @@ class GenomeSpace:
                 raise ValueError(f"genome {cfg.name}: unknown gene {g!r}; known: {sorted(DEFAULTS)} + block_<i>, layer_<i>")
         extra = sorted(set(bounds) - set(genes))
         if extra:
-            raise ValueError(f"genome {cfg.name}: bounds given for genes not in genome.genes: {extra}")
+            hint = " (revive_gain exists only with genome.revive_dead_experts=true)" if "revive_gain" in extra else ""
+            raise ValueError(f"genome {cfg.name}: bounds given for genes not in genome.genes: {extra}{hint}")
+        if not 0.0 <= fixed.get("revive_gain", 0.0) <= 1.0:
+            raise ValueError(f"genome {cfg.name}: genome.fixed.revive_gain={fixed['revive_gain']} must lie in [0, 1] "
+                             f"(the rows' gain is {REVIVE_GAIN_MAX:g}^value)")
         return cls(
             name=str(cfg.name),
             genes=tuple(genes),
@@ -130,6 +134,12 @@ class GenomeSpace:
             raise ValueError(f"genome {self.name}: values missing for genes {missing}")
         out.update({g: float(values[g]) for g in self.genes})
         return out
+
+    def pinned(self, gene: str, value: float) -> "GenomeSpace":
+        """This space with ``gene`` taken out of the search and fixed at ``value``."""
+        bounds = {g: b for g, b in self.bounds.items() if g != gene}
+        return replace(self, genes=tuple(g for g in self.genes if g != gene), bounds=bounds,
+                       fixed={**self.fixed, gene: float(value)})
 
     def centre(self) -> dict[str, float]:
         return {g: 0.5 * (self.bounds[g][0] + self.bounds[g][1]) for g in self.genes}
@@ -199,7 +209,8 @@ def fit_genome_to_prescription(space: GenomeSpace, r_mri: Mapping[str, float], n
 
     Ratio genes are set from mean logits (global = mean over all tensors; a component or block gene
     = mean residual logit of its tensors, applied on top of global); densities start at the upper
-    bound (DARE off where allowed), mri_trust and merge_method_weight at the middle of their bounds.
+    bound (DARE off where allowed), mri_trust, merge_method_weight and revive_gain at the middle of
+    their bounds (revive_gain 0.5: the revived router rows start at 2x the row-norm rule).
     Every value is clipped to the bounds.
     """
     vals = space.centre()

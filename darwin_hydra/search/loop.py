@@ -108,6 +108,13 @@ def run_phase(
     best = float("-inf")
     since_best = 0
     for t in sorted(_complete(study), key=lambda t: t.number):  # replay finished trials (resume)
+        missing = [g for g in space.genes if f"u_{g}" not in t.params]
+        if missing:
+            raise ValueError(
+                f"study {study.study_name!r}: trial {t.number} has no value for gene(s) {missing}: it was run in "
+                "another genome space (e.g. before genome.revive_dead_experts added revive_gain); resume with that "
+                "space (+genome.fixed.revive_gain=0 keeps the old one) or start a new study (optimizer.study_name)"
+            )
         genes = from_unit({g: t.params[f"u_{g}"] for g in space.genes}, x0, space)
         if t.value > best + min_delta:
             best, since_best = t.value, 0

@@ -12,12 +12,13 @@ MoE rules (applied after the genome's ratios):
   expert the way they reached it in the father, at the scale the child's router scores the others
   (g = 1) or up to 4x harder, while the other rows follow the router's own recipe. ``revive_gain``
   is a gene a reviving genome evolves (``GenomeSpace.from_config``; ``genome.fixed.revive_gain=0``
-  pins g = 1): the father's row points where the father's hidden states lay, and the child's
+  pins g = 1, and keeps the hashes of children found before the gene): the father's row points where the father's hidden states lay, and the child's
   hidden states (the mother's, in the layers she trained) can score it lower than the father did.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +27,8 @@ from darwin_hydra.merge.recipe import FATHER, MOTHER, RatioMap, TensorRecipe
 from darwin_hydra.search.genome import GenomeSpace, digest, genome_hash, revive_gain, tensor_ratios
 
 ROUTER_SOURCES = (FATHER, MOTHER, "merge")
+log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def revival_plan(moe_father: Any, moe_mother: Any) -> dict[int, list[int]]:
@@ -127,16 +130,29 @@ def hash_context(
         # v2: router rows scaled to the child's router, also under a transplanted router (a run
         # revived under v1 rebuilds a different child, so it gets a different hash)
         moe["revive_rule"] = 2
+    # revive_gain pinned at 0 is the row rule from before the gene existed: left out, so those
+    # children keep their hashes (and their DARE masks)
+    fixed = {k: v for k, v in space.fixed.items() if not (k == "revive_gain" and v == 0.0)}
     return moe | {
         "space": space.name,
         "genes": list(space.genes),
-        "fixed": dict(space.fixed),
+        "fixed": fixed,
         "blend_method": space.blend_method,
         "parents": dict(fingerprints),
         "r_mri": digest({k: round(float(v), 12) for k, v in (r_mri or {}).items()}),
         "transplant": [t_lo, t_hi],
         "method": "dare_ties",
     }
+
+
+def space_for_genome(space: GenomeSpace, genes: Mapping[str, float], where: str = "genome") -> GenomeSpace:
+    """The space a saved genome was found in: one found before the ``revive_gain`` gene existed has
+    no value for it, and its revived rows had gain 1 (``revive_gain`` pinned at 0, which also gives
+    back its genome hash)."""
+    if "revive_gain" in space.genes and "revive_gain" not in genes:
+        log.info("%s predates the revive_gain gene: its revived router rows keep gain 1", where)
+        return space.pinned("revive_gain", 0.0)
+    return space
 
 
 def moe_rules(genome_cfg: Any, scan: Any) -> tuple[list[str] | None, dict[int, list[int]]]:

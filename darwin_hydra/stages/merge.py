@@ -42,10 +42,10 @@ def child_recipe(ctx: RunContext) -> ChildRecipe:
         genome = json.loads(gpath.read_text())
     if genome is not None:
         from darwin_hydra.mri.config import mri_config
-        from darwin_hydra.search.recipe import genome_ratio_map, hash_genome, moe_rules
+        from darwin_hydra.search.recipe import genome_ratio_map, hash_genome, moe_rules, space_for_genome
         from darwin_hydra.stages.scan import ensure_scan
 
-        space = GenomeSpace.from_config(ctx.cfg.genome, L)
+        space = space_for_genome(GenomeSpace.from_config(ctx.cfg.genome, L), genome["genes"], str(gpath))
         mri = mri_config(ctx.cfg.mri)
         scan = ensure_scan(ctx)
         r_mri = dict(scan.r_mri)
