@@ -134,9 +134,12 @@ def test_per_expert_and_fused_layouts_give_the_same_child(parents, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, father, mother = parents
-    sp = space()
+    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg.revive_dead_experts = True
+    sp = GenomeSpace.from_config(cfg, L)  # with the revive_gain gene (at 0.5: the rows x2)
     rmap = genome_ratio_map(sp, genes(sp), father.names, None, L, 0.15, 0.85, router_source=["mother", "merge", "father"],
                             revive={3: [2, 7]})
+    assert rmap["model.layers.3.mlp.gate.weight"].rows_gain == 2.0
     disk = AutoModelForCausalLM.from_pretrained(merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", progress=False))
     model = AutoModelForCausalLM.from_pretrained(father.path)
     assert any(p.dim() == 3 for p in model.parameters())  # fused experts in memory
