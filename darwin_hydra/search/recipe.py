@@ -11,9 +11,10 @@ MoE rules (applied after the genome's ratios):
   the router is taken whole from the mother) times g = 4 ** revive_gain: tokens reach the revived
   expert the way they reached it in the father, at the scale the child's router scores the others
   (g = 1) or up to 4x harder, while the other rows follow the router's own recipe. ``revive_gain``
-  is a gene a reviving genome evolves (``GenomeSpace.from_config``; ``genome.fixed.revive_gain=0``
-  pins g = 1, and keeps the hashes of children found before the gene): the father's row points where the father's hidden states lay, and the child's
-  hidden states (the mother's, in the layers she trained) can score it lower than the father did.
+  is a gene a reviving genome evolves (``GenomeSpace.from_config``): the father's row points where
+  the father's hidden states lay, and the child's hidden states (the mother's, in the layers she
+  trained) can score it lower than the father did. ``genome.fixed.revive_gain=0`` pins g = 1 and
+  keeps the genome hashes of children found before the gene (``space_for_genome``).
 """
 
 from __future__ import annotations
