@@ -328,7 +328,10 @@ def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) ->
 def summarise(rows: list[dict], methods: list[str]) -> dict:
     def med(tool, method, key="wall_s"):
         xs = [r[key] for r in rows if r["tool"] == tool and r["method"] == method and r[key] is not None]
-        return (statistics.median(xs), min(xs), max(xs)) if xs else None
+        if not xs:
+            return None
+        m = statistics.median(xs)
+        return (round(m) if key == "peak_rss_mb" else m), min(xs), max(xs)  # MB stay whole (an even count's median)
 
     out = {}
     for f in FLOORS:
