@@ -80,12 +80,12 @@ def main() -> None:
                   f"mother {moe['mother']['dead']}, child {moe['child']['dead']}; child test mean {mean:.1f}"
                   + (f"; revived {genome.get('revived_experts')}, revive_gain {gain:.3f} (x{revive_gain(gain):.2f})"
                      if revive and gain is not None else ""), flush=True)
-        d, lo, hi = paired_bootstrap(scores[True][-1], scores[False][-1])
-        print(f"seed {seed}: with - without {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", flush=True)
+        diff, lo, hi = paired_bootstrap(scores[True][-1], scores[False][-1])
+        print(f"seed {seed}: with - without {100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", flush=True)
     if len(args.seeds) > 1:
         pooled = {rv: {k: np.mean([s[k] for s in scores[rv]], axis=0) for k in scores[rv][0]} for rv in (True, False)}
-        d, lo, hi = paired_bootstrap(pooled[True], pooled[False])
-        print(f"{len(args.seeds)} seeds, per-item mean over the seeds: with - without {100 * d:+.1f} "
+        diff, lo, hi = paired_bootstrap(pooled[True], pooled[False])
+        print(f"{len(args.seeds)} seeds, per-item mean over the seeds: with - without {100 * diff:+.1f} "
               f"[{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 

@@ -29,7 +29,6 @@ from darwin_hydra.search.genome import GenomeSpace, digest, genome_hash, revive_
 
 ROUTER_SOURCES = (FATHER, MOTHER, "merge")
 log = logging.getLogger(__name__)
-log = logging.getLogger(__name__)
 
 
 def revival_plan(moe_father: Any, moe_mother: Any) -> dict[int, list[int]]:
