@@ -12,7 +12,8 @@ does the memory of the tensors in flight. Checkpoints are written straight with 
 seconds) and cached under ``--cache``.
 
 Each repetition runs, interleaved (the order rotates between repetitions), every measurement in its
-own process under ``/usr/bin/time`` (wall time, peak RSS):
+own process under ``/usr/bin/time`` (wall time, peak RSS of the largest process), its process tree's
+summed PSS sampled every 0.1 s (memory of worker processes included, shared pages counted once):
 
 - ``mergekit``: ``mergekit-yaml cfg.yml OUT [--mergekit-flags]`` with ties / dare_ties, base_model =
   base, weight 0.5 and density 0.5 for both fine-tunes, ``dtype: bfloat16`` (mergekit's defaults
@@ -22,7 +23,8 @@ own process under ``/usr/bin/time`` (wall time, peak RSS):
   merge.density_a=0.5 merge.density_b=0.5 logger=none hydra.run.dir=TMP``: the whole command
   (Hydra, compatibility check, fingerprints, recipe, model card, checksums);
 - ``inproc``: ``merge_to_disk`` in a fresh Python process, timed from opening the readers to the
-  committed child (imports excluded; RSS is the process's, imports included);
+  committed child (imports excluded; RSS is the process's, imports included); ``--processes`` picks its
+  workers (forked processes or threads; default: merge_to_disk's choice, processes on Linux);
 - ``floor``: the issue's "plain safetensors load -> average -> save": ``load_file`` of father and
   mother, ``(a + b) / 2`` on the bf16 tensors as loaded, ``save_file``;
 - ``floor3``: the same with the merge's inputs and precision: the three parents, their mean in
@@ -209,7 +211,7 @@ def cmd_floor3(dirs, method, out, work, flags):
             "--dirs", json.dumps({k: str(v) for k, v in dirs.items()})]
 
 
-def child_inproc(dirs: dict, method: str, out: Path, workers: int) -> float:
+def child_inproc(dirs: dict, method: str, out: Path, workers: int, processes: bool | None = None) -> float:
     from darwin_hydra.io.checkpoint import CheckpointReader
     from darwin_hydra.merge.engine import merge_to_disk
     from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
@@ -218,7 +220,7 @@ def child_inproc(dirs: dict, method: str, out: Path, workers: int) -> float:
     father, mother, base = (CheckpointReader(dirs[r]) for r in ("father", "mother", "base"))
     recipe = TensorRecipe(method=method, ratio=0.5, density_a=0.5, density_b=0.5)
     rmap = RatioMap({n: recipe for n in father.names})
-    merge_to_disk(father, mother, base, rmap, "bench", out, workers=workers, progress=False)
+    merge_to_disk(father, mother, base, rmap, "bench", out, workers=workers, progress=False, processes=processes)
     return time.perf_counter() - t0
 
 
@@ -291,6 +293,45 @@ COMMANDS = {"mergekit": cmd_mergekit, "cli": cmd_cli, "inproc": cmd_inproc, "app
 FLOORS = ("floor", "floor3")
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid`` (its private pages plus its share of pages shared with other
+    processes, e.g. forked workers' and the parent's), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_sampled(cmd: list[str], stdout, stderr, every: float = 0.1) -> tuple[int, int]:
+    """Run ``cmd``; its exit status and the peak, over samples every ``every`` s, of the summed PSS
+    of its process tree (MB): the memory of a command whose workers are processes, counted once."""
+    p = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+    peak = 0
+    while p.poll() is None:
+        peak = max(peak, sum(_pss_kb(q) for q in _tree(p.pid)))
+        time.sleep(every)
+    return p.returncode, round(peak / 1024)
+
+
 def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) -> dict:
     """Run one measurement in its own process under /usr/bin/time; the output is deleted afterwards."""
     out = work / f"out_{tool}_{method}"
@@ -298,14 +339,18 @@ def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) ->
     timing = work / "time.txt"
     cmd = COMMANDS[tool](dirs, method, out, work, flags)
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{tool} {method} failed ({p.returncode}):\n{' '.join(cmd)}\n{p.stdout[-2000:]}{p.stderr[-4000:]}")
+    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        t0 = time.perf_counter()
+        rc, pss_mb = run_sampled(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], so, se)
+        wall = time.perf_counter() - t0
+        so.seek(0)
+        se.seek(0)
+        stdout, stderr = so.read(), se.read()
+    if rc != 0:
+        raise RuntimeError(f"{tool} {method} failed ({rc}):\n{' '.join(cmd)}\n{stdout[-2000:]}{stderr[-4000:]}")
     elapsed, maxrss_kb = timing.read_text().split()[-2:]
     inner, extra = None, None
-    for line in p.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("{") and '"inner_s"' in line:
             got = json.loads(line)
             inner, extra = got["inner_s"], got.get("apply")
@@ -318,6 +363,7 @@ def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) ->
     shutil.rmtree(out, ignore_errors=True)
     return {"tool": tool, "method": method if tool not in FLOORS else "-", "wall_s": round(wall, 2),
             "inner_s": None if inner is None else round(inner, 2), "peak_rss_mb": round(int(maxrss_kb) / 1024),
+            "peak_pss_mb": pss_mb,
             "load1": round(load, 2), "child": child, "apply": extra}
 
 
@@ -331,7 +377,7 @@ def summarise(rows: list[dict], methods: list[str]) -> dict:
         if not xs:
             return None
         m = statistics.median(xs)
-        return (round(m) if key == "peak_rss_mb" else m), min(xs), max(xs)  # MB stay whole (an even count's median)
+        return (round(m) if key.endswith("_mb") else m), min(xs), max(xs)  # MB stay whole (an even count's median)
 
     out = {}
     for f in FLOORS:
@@ -344,6 +390,7 @@ def summarise(rows: list[dict], methods: list[str]) -> dict:
             "mergekit_s": mk, "cli_s": cli, "inproc_s": ip,
             "mergekit_rss_mb": med("mergekit", m, "peak_rss_mb"), "cli_rss_mb": med("cli", m, "peak_rss_mb"),
             "inproc_rss_mb": med("inproc", m, "peak_rss_mb"),
+            "pss_mb": {t: med(t, m, "peak_pss_mb") for t in ("mergekit", "cli", "inproc")},
             "speedup_mergekit_over_cli": None if not (mk and cli) else round(mk[0] / cli[0], 2),
             "inproc_over_floor": None if not (ip and floor) else round(ip[0] / floor[0], 2),
             "inproc_over_floor3": None if not (ip and floor3) else round(ip[0] / floor3[0], 2),
@@ -376,6 +423,9 @@ def report(summary: dict, methods: list[str], scale: int, reps: int, mergekit_fl
         print(f"{m:<10}" + "".join(f"{fmt(s[k]):>22}" for _, k in cols)
               + f"{fmt(s['speedup_mergekit_over_cli']):>14}{fmt(s['inproc_over_floor']):>14}"
               f"{fmt(s['inproc_over_floor3']):>15}")
+    for m in methods:
+        print(f"{m}: peak PSS of the whole process tree (workers included, shared pages counted once), MB: "
+              + ", ".join(f"{t} {fmt(v)}" for t, v in summary[m]["pss_mb"].items() if v))
     for f, what in (("floor", "load father+mother -> (a+b)/2 in bf16 -> save_file"),
                     ("floor3", "load 3 -> float32 mean -> bf16 -> save_file")):
         x = summary[f]
@@ -383,7 +433,7 @@ def report(summary: dict, methods: list[str], scale: int, reps: int, mergekit_fl
             print(f"{f} ({what}): {fmt(x['inner_s'])} s in process, {fmt(x['wall_s'])} s with start-up, "
                   f"peak RSS {fmt(x['peak_rss_mb'])} MB")
     print("s = seconds: mergekit and cli whole commands; inproc and floors from opening the inputs to the "
-          "written child (imports excluded). MB = peak RSS of the process.")
+          "written child (imports excluded). MB = peak RSS of the largest process (/usr/bin/time).")
 
 
 def main() -> None:
@@ -398,6 +448,8 @@ def main() -> None:
     ap.add_argument("--mergekit-flags", default="", help="extra mergekit-yaml flags, e.g. '-j 2 --async-write'")
     ap.add_argument("--cli-overrides", default="", help="extra Hydra overrides for the cli run, e.g. 'merge.workers=1'")
     ap.add_argument("--workers", type=int, default=0, help="merge_to_disk workers for inproc (0 = one per core)")
+    ap.add_argument("--processes", choices=["auto", "on", "off"], default="auto",
+                    help="inproc's workers: forked processes (on), threads (off) or merge_to_disk's choice (auto)")
     ap.add_argument("--json", action="store_true", help="also print every run and the summary as one JSON line")
     # internal: one in-process measurement
     ap.add_argument("--child", choices=["inproc", "apply", "floor", "floor3"], help=argparse.SUPPRESS)
@@ -409,7 +461,8 @@ def main() -> None:
     if args.child:
         dirs = json.loads(args.dirs)
         if args.child == "inproc":
-            print(json.dumps({"inner_s": child_inproc(dirs, args.method, args.out, args.workers)}))
+            procs = {"auto": None, "on": True, "off": False}[args.processes]
+            print(json.dumps({"inner_s": child_inproc(dirs, args.method, args.out, args.workers, procs)}))
         elif args.child == "apply":
             print(json.dumps(child_apply(dirs, args.method)))
         else:
@@ -419,7 +472,8 @@ def main() -> None:
     dirs = build(root, args.scale, args.grow_vocab)
     work = Path(tempfile.mkdtemp(prefix="runs_", dir=root))
     flags = {"mergekit": args.mergekit_flags.split(), "cli": args.cli_overrides.split(),
-             "inproc": ["--workers", str(args.workers)], "apply": [], "floor": [], "floor3": []}
+             "inproc": ["--workers", str(args.workers), "--processes", args.processes], "apply": [], "floor": [],
+             "floor3": []}
     plan = [(t, m) for m in args.methods for t in args.tools if t not in FLOORS and t != "apply"]
     plan += [("apply", args.methods[-1])] if "apply" in args.tools else []
     plan += [(t, "-") for t in args.tools if t in FLOORS]
@@ -434,8 +488,9 @@ def main() -> None:
                 row = measure(tool, method, dirs, work, flags[tool])
                 row["rep"] = rep
                 rows.append(row)
-                log.info("%-9s %-10s %7.2f s (in process %s s)  peak RSS %5d MB  load %.2f", tool, row["method"],
-                         row["wall_s"], fmt(row["inner_s"]), row["peak_rss_mb"], row["load1"])
+                log.info("%-9s %-10s %7.2f s (in process %s s)  peak RSS %5d MB, tree PSS %5d MB  load %.2f", tool,
+                         row["method"], row["wall_s"], fmt(row["inner_s"]), row["peak_rss_mb"], row["peak_pss_mb"],
+                         row["load1"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = summarise(rows, args.methods)

@@ -215,6 +215,46 @@ def test_background_writer_matches_synchronous(tiny_dirs, tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes()
 
 
+def test_reserved_slots_written_in_any_order_give_the_files_add_gives(tiny_dirs, tmp_path):
+    """reserve() in order, write_slot() in reverse (as forked merge workers do), fill(): the same bytes
+    as add(), over several shards, a compacted small one and a dtype cast included."""
+    from darwin_hydra.io.checkpoint import storable, write_slot
+
+    src = tiny_dirs["gemma4"]
+    a = copy_through_writer(src, tmp_path / "added", max_shard_bytes=50_000, dtype=torch.float32)
+    w = CheckpointWriter(tmp_path / "slots", max_shard_bytes=50_000, source_dir=src, dtype=torch.float32)
+    with CheckpointReader(src) as r, w:
+        tensors = {n: storable(n, t, torch.float32) for n, t in r.iter_tensors()}
+        slots = {n: w.reserve(n, t.dtype, t.shape) for n, t in tensors.items()}
+        for n in reversed(list(tensors)):
+            w.fill(n, write_slot(slots[n], tensors[n]))
+    b = tmp_path / "slots"
+    assert len(list(a.glob("*.safetensors"))) > 2
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for f in a.iterdir():
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+
+
+def test_a_reserved_slot_never_filled_or_misfilled_is_refused(tiny_dirs, tmp_path):
+    from darwin_hydra.io.checkpoint import write_slot
+
+    src = tiny_dirs["qwen3_5"]
+    w = CheckpointWriter(tmp_path / "child", source_dir=src)
+    with CheckpointReader(src) as r:
+        names = list(r.names)[:2]
+        slots = [w.reserve(n, r.dtype(n), r.shape(n)) for n in names]
+        with pytest.raises(ValueError, match=f"tensor '{names[0]}': got torch.float64"):
+            write_slot(slots[0], r.get(names[0]).double())
+        w.fill(names[0], write_slot(slots[0], r.get(names[0])))
+        with pytest.raises(KeyError, match="was not reserved"):
+            w.fill(names[0], "0" * 64)
+        with pytest.raises(ValueError, match="added twice"):
+            w.reserve(names[1], r.dtype(names[1]), r.shape(names[1]))
+    with pytest.raises(RuntimeError, match=rf"1 reserved tensor\(s\) were never filled, e.g. \['{names[1]}'\]"):
+        w.commit()
+    assert not (tmp_path / "child").exists() and not list(tmp_path.glob("child.tmp*"))
+
+
 KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys, torch

@@ -3,9 +3,11 @@ count, tensor order, thread count), faults, the ratio map, and the export / in-m
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -503,10 +505,15 @@ def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_p
     try:
         torch.set_num_threads(1)  # the caller's thread setting does not matter either
         two = merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "two", workers=3, progress=False)
+        three = merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "threads", workers=3, progress=False,
+                              processes=False)
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
-    assert _checksums(one) == _checksums(two)
+    assert _checksums(one) == _checksums(two) == _checksums(three)
+    # forked workers writing into reserved slots give the very files an in-order writer gives
+    for f in sorted(p.name for p in Path(one).iterdir()):
+        assert (Path(one) / f).read_bytes() == (Path(two) / f).read_bytes() == (Path(three) / f).read_bytes(), f
     # the cyclic GC is paused while merging (nested merges too) and restored afterwards
     import gc
 
@@ -515,10 +522,10 @@ def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_p
     seen = []
     monkeypatch.setattr(engine, "merge_tensor", lambda *a, **k: seen.append(gc.isenabled()) or merge_tensor(*a, **k))
     assert gc.isenabled()
-    merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc", workers=2, progress=False)
+    merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc", workers=2, progress=False, processes=False)
     assert seen and not any(seen) and gc.isenabled() and torch.get_num_threads() == threads
     with engine.merging():  # nested: the outer section's state holds until it ends
-        merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc2", workers=2, progress=False)
+        merge_to_disk(father, mother, base, rmap, "g1", tmp_path / "gc2", workers=2, progress=False, processes=False)
         assert not gc.isenabled() and torch.get_num_threads() == 1
     assert gc.isenabled() and torch.get_num_threads() == threads
     monkeypatch.undo()
@@ -601,37 +608,48 @@ def test_in_memory_merger_names_a_nan_parent_tensor_at_once(parents):
         InMemoryMerger(AutoModelForCausalLM.from_pretrained(father.path).eval(), *tensors)
 
 
-def test_export_keeps_its_tensors_in_flight_under_the_memory_bound(parents, tmp_path, monkeypatch):
-    """max_inflight_bytes bounds what is scheduled at once (one tensor always may): at 1 byte the
-    workers take one tensor at a time; with room they overlap. Same child either way."""
-    import threading
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_export_keeps_its_tensors_in_flight_under_the_memory_bound(parents, tmp_path, monkeypatch, processes):
+    """max_inflight_bytes bounds the tensors held whole (transplants here) scheduled at once (one
+    always may): at 1 byte the workers take one at a time; with room they overlap. Streamed tensors
+    hold nothing and always overlap. Same child either way."""
+    import multiprocessing
     import time
 
     from darwin_hydra.merge import engine
 
+    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+        pytest.skip("forked export workers need Linux")
     base, father, mother = _readers(parents)
-    lock, active, peak = threading.Lock(), [0], [0]
+    # shared with forked workers (and safe across threads)
+    active, peak = (multiprocessing.get_context("fork").Value("i", 0) for _ in range(2))
 
     def counted(*a, **k):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
+        with active.get_lock():
+            active.value += 1
+            peak.value = max(peak.value, active.value)
         time.sleep(0.005)
         try:
             return merge_tensor(*a, **k)
         finally:
-            with lock:
-                active[0] -= 1
+            with active.get_lock():
+                active.value -= 1
 
     monkeypatch.setattr(engine, "merge_tensor", counted)
-    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
-    one = merge_to_disk(father, mother, base, rmap, "h", tmp_path / "one", workers=3, progress=False,
-                        max_inflight_bytes=1, dtype="float32")
-    assert peak[0] == 1
-    peak[0] = 0
-    many = merge_to_disk(father, mother, base, rmap, "h", tmp_path / "many", workers=3, progress=False, dtype="float32")
-    assert peak[0] > 1
+    whole = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.1, density_b=0.5, t_lo=0.2) for n in father.names})
+    one = merge_to_disk(father, mother, base, whole, "h", tmp_path / "one", workers=3, progress=False,
+                        max_inflight_bytes=1, dtype="float32", processes=processes)
+    assert peak.value == 1
+    peak.value = 0
+    many = merge_to_disk(father, mother, base, whole, "h", tmp_path / "many", workers=3, progress=False,
+                         dtype="float32", processes=processes)
+    assert peak.value > 1
     assert _checksums(one) == _checksums(many)
+    peak.value = 0
+    streamed = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
+    merge_to_disk(father, mother, base, streamed, "h", tmp_path / "streamed", workers=3, progress=False,
+                  max_inflight_bytes=1, processes=processes)
+    assert peak.value > 1
 
 
 def test_export_writes_the_requested_dtype(parents, tmp_path):
@@ -669,33 +687,71 @@ def test_nan_during_export_names_the_tensor_and_leaves_no_child(parents, tmp_pat
     assert not list(tmp_path.glob("child.tmp*"))
 
 
-def test_a_killed_export_leaves_no_finished_looking_child(parents, tmp_path):
-    """SIGKILL in the middle of the export: no ``child`` directory, and the next export succeeds."""
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_killed_export_leaves_no_finished_looking_child(parents, tmp_path, processes):
+    """SIGKILL in the middle of the export: no ``child`` directory, no worker left behind, and the
+    next export succeeds."""
+    from darwin_hydra.merge import engine
+
+    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+        pytest.skip("forked export workers need Linux")
     base, father, mother = (str(p) for p in parents)
+    pids = tmp_path / "pids"
     script = textwrap.dedent(f"""
         import os, signal
         from darwin_hydra.io import checkpoint
         from darwin_hydra.io.checkpoint import CheckpointReader
+        from darwin_hydra.merge import engine
         from darwin_hydra.merge.engine import merge_to_disk
         from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
-        add = checkpoint.CheckpointWriter.add
-        def add_then_die(self, name, t):
-            add(self, name, t)
-            if len(self._names) == 3:
+        W = checkpoint.CheckpointWriter
+        add, fill, merge = W.add, W.fill, engine.merge_tensor
+        def then_die(self):
+            if len(self.checksums) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.CheckpointWriter.add = add_then_die
+        W.add = lambda self, *a: (add(self, *a), then_die(self))[0]
+        W.fill = lambda self, *a: (fill(self, *a), then_die(self))[0]
+        def merge_noting_pid(*a, **k):
+            with open({str(pids)!r}, "a") as out:
+                out.write(f"{{os.getpid()}}\\n")
+            return merge(*a, **k)
+        engine.merge_tensor = merge_noting_pid
+        open({str(tmp_path / "parent")!r}, "w").write(str(os.getpid()))
         f, m, b = (CheckpointReader(p) for p in ({father!r}, {mother!r}, {base!r}))
         rmap = RatioMap({{n: TensorRecipe(method="ties", ratio=0.5) for n in f.names}})
-        merge_to_disk(f, m, b, rmap, "h", {str(tmp_path / "child")!r}, progress=False)
+        merge_to_disk(f, m, b, rmap, "h", {str(tmp_path / "child")!r}, progress=False, workers=2,
+                      processes={processes!r})
     """)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
-    assert p.returncode == -9, p.stderr[-2000:]
+    log = tmp_path / "log"
+    with open(log, "w") as out:  # not a pipe: a lingering worker would hold it open, and run() wait for it
+        p = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    assert p.returncode == -9, log.read_text()[-2000:]
     assert not (tmp_path / "child").exists()
     assert list(tmp_path.glob("child.tmp*"))  # the partial work is under a temporary name
+    workers = {int(x) for x in pids.read_text().split()} - {int((tmp_path / "parent").read_text())}
+    assert bool(workers) == processes
+    deadline = time.monotonic() + 10
+    try:
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "export workers outlived the killed merge"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
     b, f, m = _readers(parents)
     rmap = RatioMap({n: TensorRecipe(method="ties", ratio=0.5) for n in f.names})
     merge_to_disk(f, m, b, rmap, "h", tmp_path / "child", progress=False)
     assert (tmp_path / "child" / "checksums.json").exists() and not list(tmp_path.glob("child.tmp*"))
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

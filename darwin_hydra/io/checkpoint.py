@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,9 +42,9 @@ from darwin_hydra.io.format import (
     entry_json_len,
     header_bytes,
     pread_into,
+    pwrite_all,
     read_header,
     tensor_bytes,
-    write_all,
 )
 
 __all__ = [
@@ -50,10 +52,14 @@ __all__ = [
     "CheckpointWriter",
     "IncompatibleParentsError",
     "PickleRefusedError",
+    "SlotWriter",
     "StoredTensor",
+    "WriteSlot",
     "check_compatible",
     "tensor_sha256",
     "SUPPORT_FILES",
+    "storable",
+    "write_slot",
 ]
 
 log = logging.getLogger(__name__)
@@ -492,13 +498,94 @@ def _weight_map(index: Path) -> dict[str, str]:
 
 
 class _Shard:
-    __slots__ = ("index", "path", "fd", "entries", "data_bytes", "header_estimate")
+    __slots__ = ("index", "path", "fd", "entries", "data_bytes", "header_estimate", "full")
 
     def __init__(self, index: int, path: Path, fd: int):
         self.index, self.path, self.fd = index, path, fd
+        self.full = False  # no further tensor goes here
         self.entries: dict[str, dict] = {}
         self.data_bytes = 0
         self.header_estimate = 64  # braces and {"__metadata__":{"format":"pt"}},
+
+
+class WriteSlot(NamedTuple):
+    """Where a tensor reserved with ``CheckpointWriter.reserve`` goes: ``nbytes`` bytes at byte
+    ``offset`` of the shard file ``path``, as ``dtype`` and ``shape``."""
+
+    name: str
+    path: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def storable(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` as a checkpoint stores it: detached, floating point cast to ``dtype`` (when given),
+    on the CPU, contiguous; a dtype safetensors cannot hold raises ``TypeError`` naming ``name``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    t = tensor.detach()
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    if t.dtype not in CODES:
+        raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+    return t
+
+
+class SlotWriter:
+    """Fills a reserved ``WriteSlot`` front to back, a piece (flat tensor) at a time, hashing as it
+    goes; ``finish()`` returns the sha256 (hex) for ``CheckpointWriter.fill``. It opens the shard by
+    path, so any thread or (forked) process may fill its slots while others fill theirs."""
+
+    def __init__(self, slot: WriteSlot):
+        self.slot = slot
+        self._fd = os.open(slot.path, os.O_WRONLY)
+        self._sha = hashlib.sha256()
+        self._done = 0
+
+    def write(self, piece: torch.Tensor) -> None:
+        if piece.dtype != self.slot.dtype:
+            raise ValueError(f"tensor {self.slot.name!r}: got {piece.dtype}, but its slot was reserved for {self.slot.dtype}")
+        raw = tensor_bytes(piece)
+        if self._done + len(raw) > self.slot.nbytes:
+            raise ValueError(f"tensor {self.slot.name!r}: more than the {self.slot.nbytes} bytes reserved")
+        pwrite_all(self._fd, raw, self.slot.offset + self._done)
+        self._sha.update(raw)
+        self._done += len(raw)
+
+    def finish(self) -> str:
+        self.close()
+        if self._done != self.slot.nbytes:
+            raise ValueError(f"tensor {self.slot.name!r}: {self._done} of its {self.slot.nbytes} bytes written")
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SlotWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_slot(slot: WriteSlot, tensor: torch.Tensor) -> str:
+    """Write ``tensor`` (as ``storable`` returns it) into its reserved ``slot``; returns its sha256 (hex),
+    for ``CheckpointWriter.fill`` (see ``SlotWriter``)."""
+    if tensor.dtype != slot.dtype or tuple(tensor.shape) != tuple(slot.shape):
+        raise ValueError(
+            f"tensor {slot.name!r}: got {tensor.dtype} {tuple(tensor.shape)}, but its slot was reserved for "
+            f"{slot.dtype} {tuple(slot.shape)}"
+        )
+    with SlotWriter(slot) as w:
+        w.write(tensor.reshape(-1))
+        return w.finish()
 
 
 def _host_tag() -> str:
@@ -598,6 +685,8 @@ class CheckpointWriter:
         self._written_files: set[str] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._add_lock = threading.Lock()
+        self._planned = False  # tensors were reserved: shards stay open until commit
+        self._reserved: set[str] = set()  # reserved and not yet filled
         self._cv = threading.Condition()
         self._pending: deque[tuple[str, torch.Tensor, int]] = deque()
         self._pending_bytes = 0
@@ -686,21 +775,8 @@ class CheckpointWriter:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         with self._add_lock:
-            if self._state == "new":
-                self.open()
-            if self._state != "open":
-                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot add {name!r}")
-            self._raise_worker_error()
-            if name in self._names:
-                raise ValueError(f"{self.out_dir}: tensor {name!r} added twice")
-            t = tensor.detach()
-            if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
-                t = t.to(self.dtype)
-            if t.device.type != "cpu":
-                t = t.to("cpu")
-            t = t.contiguous()
-            if t.dtype not in CODES:
-                raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+            self._check_new(name)
+            t = storable(name, tensor, self.dtype)
             self._names.add(name)
             nbytes = t.numel() * t.element_size()
             if self._worker is None:
@@ -713,6 +789,47 @@ class CheckpointWriter:
                 self._pending.append((name, t, nbytes))
                 self._pending_bytes += nbytes
                 self._cv.notify_all()
+
+    def _check_new(self, name: str) -> None:
+        if self._state == "new":
+            self.open()
+        if self._state != "open":
+            raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot add {name!r}")
+        self._raise_worker_error()
+        if name in self._names:
+            raise ValueError(f"{self.out_dir}: tensor {name!r} added twice")
+
+    def reserve(self, name: str, dtype: torch.dtype, shape) -> WriteSlot:
+        """Place tensor ``name`` (as stored: ``dtype``, ``shape``) in the layout now, and return where
+        its bytes go; then write them with ``write_slot`` (from any process) and report the returned
+        sha256 with ``fill``. Reserving every tensor in order gives the layout ``add`` would, so the
+        files come out the same bytes; tensors may then be written in any order, at once. Shards
+        close at ``commit``, which refuses a tensor reserved and never filled."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor name must be a non-empty str, got {name!r}")
+        if dtype not in CODES:
+            raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        if self.dtype is not None and dtype.is_floating_point and dtype != self.dtype:
+            raise ValueError(f"{name}: reserved as {dtype}, but this writer stores floating tensors as {self.dtype}")
+        shape = tuple(int(d) for d in shape)
+        with self._add_lock:
+            self._check_new(name)
+            if self._worker is not None:
+                raise RuntimeError(f"{self.out_dir}: reserve() does not combine with background=True")
+            self._planned = True
+            self._names.add(name)
+            nbytes = math.prod(shape) * dtype.itemsize
+            shard, begin = self._place(name, CODES[dtype], shape, nbytes)
+            self._reserved.add(name)
+            return WriteSlot(name, str(shard.path), 8 + self.HEADER_RESERVE + begin, nbytes, dtype, shape)
+
+    def fill(self, name: str, sha256: str) -> None:
+        """Record that reserved tensor ``name`` was written (``write_slot`` returned ``sha256``)."""
+        with self._add_lock:
+            if name not in self._reserved:
+                raise KeyError(f"{self.out_dir}: tensor {name!r} was not reserved (or was filled already)")
+            self._reserved.discard(name)
+            self.checksums[name] = sha256
 
     def _raise_worker_error(self) -> None:
         if self._error is not None:
@@ -746,33 +863,39 @@ class CheckpointWriter:
         index = len(self._shards) + 1
         path = self.tmp_dir / f"model-{index:05d}.safetensors.partial"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.lseek(fd, 8 + self.HEADER_RESERVE, os.SEEK_SET)
         shard = _Shard(index, path, fd)
         self._shards.append(shard)
         return shard
 
     def _write(self, name: str, t: torch.Tensor) -> None:
         """Append one tensor to the current shard (worker thread, or caller thread without one)."""
-        nbytes = t.numel() * t.element_size()
-        code = CODES[t.dtype]
-        shard = self._shards[-1] if self._shards and self._shards[-1].fd >= 0 else None
+        shard, begin = self._place(name, CODES[t.dtype], tuple(t.shape), t.numel() * t.element_size())
+        raw = tensor_bytes(t)
+        pwrite_all(shard.fd, raw, 8 + self.HEADER_RESERVE + begin)
+        self.checksums[name] = hashlib.sha256(raw).hexdigest()
+
+    def _place(self, name: str, code: str, shape: tuple[int, ...], nbytes: int) -> tuple[_Shard, int]:
+        """The shard and data offset of the next tensor; a shard is full when the tensor would take it
+        past ``max_shard_bytes`` or its header past ``HEADER_RESERVE`` (closed now, or at commit when
+        tensors are reserved and written later)."""
+        shard = self._shards[-1] if self._shards and not self._shards[-1].full else None
         if shard is not None:
-            entry_len = entry_json_len(name, code, tuple(t.shape), shard.data_bytes, shard.data_bytes + nbytes)
+            entry_len = entry_json_len(name, code, shape, shard.data_bytes, shard.data_bytes + nbytes)
             if (shard.data_bytes + nbytes > self.max_shard_bytes and shard.entries) or (
                 shard.header_estimate + entry_len > self.HEADER_RESERVE
             ):
-                self._close_shard(shard)
+                shard.full = True
+                if not self._planned:
+                    self._close_shard(shard)
                 shard = None
         if shard is None:
             shard = self._new_shard()
         begin = shard.data_bytes
-        raw = tensor_bytes(t)
-        write_all(shard.fd, raw)
-        self.checksums[name] = hashlib.sha256(raw).hexdigest()
-        shard.entries[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [begin, begin + nbytes]}
-        shard.header_estimate += entry_json_len(name, code, tuple(t.shape), begin, begin + nbytes)
+        shard.entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+        shard.header_estimate += entry_json_len(name, code, shape, begin, begin + nbytes)
         shard.data_bytes += nbytes
         self._total_bytes += nbytes
+        return shard, begin
 
     def _close_shard(self, shard: _Shard) -> None:
         header = header_bytes(shard.entries, {"format": "pt"}, reserve=self.HEADER_RESERVE)
@@ -841,6 +964,11 @@ class CheckpointWriter:
             self._drain()
             if not self._names:
                 raise ValueError(f"{self.out_dir}: no tensors were added; refusing to write an empty checkpoint")
+            if self._reserved:
+                missing = sorted(self._reserved)
+                raise RuntimeError(
+                    f"{self.out_dir}: {len(missing)} reserved tensor(s) were never filled, e.g. {missing[:5]}"
+                )
             self._finish_files()
             self._move_into_place()
         except BaseException:
@@ -866,8 +994,9 @@ class CheckpointWriter:
 
     def _finish_files(self) -> None:
         assert self.tmp_dir is not None
-        if self._shards and self._shards[-1].fd >= 0:
-            self._close_shard(self._shards[-1])
+        for shard in self._shards:
+            if shard.fd >= 0:
+                self._close_shard(shard)
         n = len(self._shards)
         weight_map: dict[str, str] = {}
         for s in self._shards:

@@ -133,11 +133,12 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> 
         done += n
 
 
-def write_all(fd: int, buf: memoryview) -> None:
-    """Write all of ``buf`` at the current position of ``fd`` (loops over short writes)."""
+def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of ``buf`` at byte ``offset`` of ``fd`` (loops over short writes; no shared file position,
+    so threads and processes may write different ranges of one file at once)."""
     done, total = 0, len(buf)
     while done < total:
-        done += os.write(fd, buf[done : done + _IO_CHUNK])
+        done += os.pwrite(fd, buf[done : done + _IO_CHUNK], offset + done)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Mapping
 
@@ -104,10 +107,11 @@ def merge_named(
     genome_hash: str,
     device: torch.device | str = "cpu",
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    sink=None,
+) -> torch.Tensor | None:
     """``methods.merge_tensor`` with the mask seed of (genome_hash, name)."""
     seed = tensor_seed(genome_hash, name)
-    return merge_tensor(father, mother, base, recipe, seed, name=name, device=device, out_dtype=out_dtype)
+    return merge_tensor(father, mother, base, recipe, seed, name=name, device=device, out_dtype=out_dtype, sink=sink)
 
 
 def _check_map(names: list[str], ratio_map: Mapping[str, TensorRecipe], others: dict) -> None:
@@ -131,10 +135,9 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return t
 
 
-# Tensors submitted ahead of the writer, per worker (within max_inflight_bytes). The child is written
-# in order, so a big tensor at the head holds up the submissions behind it: with 2 a worker, a
-# worker sat idle ~17% of a 1x benchmark merge; with 8, dare_ties took 0.90x the time at 1x and
-# 0.76x at 4x, ties 0.85x, for ~20 MB more peak RSS (scripts/bench_merge.py setup, docs/merge.md).
+# Tensors submitted ahead, per worker (within max_inflight_bytes): a worker never waits for work.
+# Each tensor holds nothing until a worker starts it (its output streams into its slot); those
+# that do not stream hold their inputs and output while merged.
 QUEUE_PER_WORKER = 8
 
 
@@ -154,16 +157,24 @@ def merge_to_disk(
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
     max_inflight_bytes: int = 1 << 30,
+    processes: bool | None = None,
 ) -> Path:
     """Stream the child of ``father``/``mother`` (and ``base``) ``CheckpointReader``s into ``out_dir``.
 
-    Every tensor of the father (in its order) is read from the three parents, merged under
-    ``ratio_map[name]`` by one of ``workers`` threads (0 = one per core) and written as soon as
-    the tensors before it are. A merged tensor (``methods.streams``: not a transplant) is read
-    chunk by chunk from the parents' safetensors files on the CPU and holds only its output in
-    flight; a transplant, a CUDA merge or a pickled parent holds its inputs too (about 4 x its
-    size). No more than ``max_inflight_bytes`` of that is scheduled at once (one tensor always
-    may). ``dtype`` (e.g. "bfloat16"): the child's floating dtype (default: the father's).
+    The layout of the shards is reserved first, in the father's tensor order; then each tensor is
+    merged under ``ratio_map[name]`` by one of ``workers`` (0 = one per core) and written straight
+    into its place, in any order. A merged tensor (``methods.streams``: not a transplant) goes chunk
+    by chunk from the parents' safetensors files to the child's on the CPU and holds no tensor in
+    flight (a worker's chunk buffers, a few MB); a transplant, a CUDA merge or a pickled parent holds
+    its inputs and its output (about 4 x its size), and no more than ``max_inflight_bytes`` of those
+    are scheduled at once (one tensor always may). ``dtype`` (e.g. "bfloat16"): the child's floating
+    dtype (default: the father's, transplants included).
+
+    ``processes``: the workers are processes forked from this one instead of threads; None =
+    processes on Linux for a CPU merge with 2+ workers. Threads hold the GIL between torch's kernels,
+    ~40 a chunk, and wait for each other there: processes take ~0.8 x the time on the benchmark
+    (docs/merge.md). Both give the same files, bit for bit.
+
     Everything lands in ``out_dir`` atomically (``CheckpointWriter``), with ``checksums.json`` and
     ``extra_files`` (relative path -> text); on any error nothing named ``out_dir`` is left.
     """
@@ -177,6 +188,7 @@ def merge_to_disk(
     dev = resolve_device(device)
     out_dtype = _dtype(dtype)
     n_workers = resolve_workers(workers)
+    forked = _use_processes(processes, dev, n_workers)
 
     readers = [r for r in (father, mother, base) if r is not None]
     # chunk-streamed merges read their parents straight from the files (methods.Parents), CPU only
@@ -194,68 +206,154 @@ def merge_to_disk(
         t.prefetch()
         return t
 
-    def job(name: str) -> torch.Tensor:
+    def stored_dtype(name: str) -> torch.dtype:
+        dt = father.dtype(name)
+        return (out_dtype or dt) if dt.is_floating_point else dt
+
+    def job(name: str, slot=None):
+        """The merged tensor; or, given its reserved slot, its sha256 once written there (a streamed
+        tensor a chunk at a time, with no output tensor)."""
+        from darwin_hydra.io.checkpoint import SlotWriter, storable, write_slot
+
         stream = streamed(name)
-        out = merge_named(
-            name,
-            parent(father, name, stream),
-            parent(mother, name, stream),
-            parent(base, name, stream),
-            ratio_map[name],
-            genome_hash,
-            dev,
-            out_dtype,
-        )
-        return out if out.device.type == "cpu" else out.cpu()
+        args = (parent(father, name, stream), parent(mother, name, stream), parent(base, name, stream),
+                ratio_map[name], genome_hash, dev, stored_dtype(name) if father.dtype(name).is_floating_point else None)
+        if slot is not None and stream:
+            with SlotWriter(slot) as w:
+                merge_named(name, *args, sink=w.write)
+                return w.finish()
+        out = merge_named(name, *args)
+        out = out if out.device.type == "cpu" else out.cpu()
+        return out if slot is None else write_slot(slot, storable(name, out))
 
     roles = 3 if base is not None else 2
 
     def cost(name: str) -> int:
-        """Bytes a tensor holds in flight: its output (in ``dtype`` when given), plus its inputs
-        unless they stream."""
+        """Bytes a tensor holds while merged: nothing when it streams from the parents' files into its
+        slot (a worker's few MB of chunk buffers aside), else its inputs and its output."""
+        if streamed(name):
+            return 0
         nbytes = father.nbytes(name)
-        dt = father.dtype(name)
-        out = nbytes if out_dtype is None or not dt.is_floating_point else nbytes // dt.itemsize * out_dtype.itemsize
-        return out + (0 if streamed(name) else roles * nbytes)
+        return roles * nbytes + nbytes // father.dtype(name).itemsize * stored_dtype(name).itemsize
 
     total = sum(father.nbytes(n) for n in names)
     with merging(), CheckpointWriter(
         out_dir, max_shard_bytes=max_shard_bytes, source_dir=father.path, dtype=out_dtype, overwrite=overwrite
     ) as writer:
         bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
-        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge", initializer=_init_worker)
-        queue: deque = deque()
+        slots = {n: writer.reserve(n, stored_dtype(n), father.shape(n)) for n in names}
+        done = _export(names, job, slots, cost, n_workers, max_inflight_bytes, forked)
         try:
-            inflight = 0
-            it = iter(names)
-            pending = next(it, None)
-            while pending is not None or queue:
-                while pending is not None and (
-                    not queue
-                    or (len(queue) < QUEUE_PER_WORKER * n_workers and inflight + cost(pending) <= max_inflight_bytes)
-                ):
-                    queue.append((pending, cost(pending), pool.submit(job, pending)))
-                    inflight += cost(pending)
-                    pending = next(it, None)
-                name, c, fut = queue.popleft()
-                t = fut.result()
-                writer.add(name, t)
-                del t, fut
-                inflight -= c
+            for name, sha in done:
+                writer.fill(name, sha)
                 bar.update(father.nbytes(name))
-        except BaseException:
-            for _, _, f in queue:
-                f.cancel()
-            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            done.close()  # on an error: stop the workers before the writer removes its files
             bar.close()
         for rel, text in (extra_files or {}).items():
             writer.write_text(rel, text)
     dt = time.perf_counter() - t0
-    log.info("merged %d tensors (%.2f GB) into %s in %.1f s (%d worker(s), %s)", len(names), total / 1e9, out_dir, dt,
-             n_workers, dev)
+    log.info("merged %d tensors (%.2f GB) into %s in %.1f s (%d worker %s, %s)", len(names), total / 1e9, out_dir, dt,
+             n_workers, "processes" if forked else "threads", dev)
     return Path(out_dir)
+
+
+def _use_processes(processes: bool | None, dev: torch.device, n_workers: int) -> bool:
+    """Whether the export forks worker processes (``merge_to_disk``'s ``processes``)."""
+    if processes is False or n_workers < 2:
+        return False
+    if dev.type != "cpu":
+        if processes:
+            raise ValueError(f"merge.processes=true merges on the CPU only (merge.device={dev}); use threads")
+        return False
+    can_fork = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+    if processes and not can_fork:
+        raise ValueError(f"merge.processes=true needs fork (Linux); this is {sys.platform}: set it to null or false")
+    return can_fork
+
+
+# In a forked export worker: (job, slots) of the merge that forked it (set by _forked_init).
+_forked_export = None
+
+
+def _forked_init(job, slots, parent: int) -> None:
+    global _forked_export
+    _forked_export = (job, slots)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the merging process dies (killed, out of memory): its
+    pipes stay open in the other workers, so an orphaned worker would otherwise wait forever."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: an orphaned export worker may linger")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _forked_job(name: str) -> str:
+    """Merge ``name`` into its slot; its sha256."""
+    job, slots = _forked_export
+    return job(name, slots[name])
+
+
+def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, forked: bool):
+    """Merge every tensor into its reserved slot on ``n_workers`` threads, or processes forked from
+    this one (``forked``); yield (name, sha256) as each is written, in any order. Forked workers get
+    the job and the parents' readers by fork, not pickling: only names and digests cross the pipes."""
+    if forked:
+        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_forked_init, initargs=(job, slots, os.getpid()))
+
+        def submit(name):
+            return pool.submit(_forked_job, name)
+    else:
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge", initializer=_init_worker)
+
+        def submit(name):
+            return pool.submit(job, name, slots[name])
+
+    running: dict = {}
+    ok = False
+    try:
+        inflight = 0
+        it = iter(names)
+        pending = next(it, None)
+        while pending is not None or running:
+            while pending is not None and (
+                not running
+                or (len(running) < QUEUE_PER_WORKER * n_workers and inflight + cost(pending) <= max_inflight_bytes)
+            ):
+                running[submit(pending)] = (pending, cost(pending))
+                inflight += cost(pending)
+                pending = next(it, None)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name, c = running.pop(fut)
+                try:
+                    sha = fut.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"an export worker process died while merging (tensor {name!r} among those in flight); "
+                        "out of memory? Nothing was written to the output directory"
+                    ) from e
+                inflight -= c
+                yield name, sha
+        ok = True
+    finally:
+        for fut in running:
+            fut.cancel()
+        if forked and not ok:  # an error or Ctrl-C: stop the workers now rather than after their tensors
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class InMemoryMerger:

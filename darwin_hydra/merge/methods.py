@@ -75,12 +75,14 @@ class NonFiniteTensorError(ValueError):
 # working set stays a few MiB, in cache); measured ~2x faster than allocating results on a CPU
 
 _tls = threading.local()
+_SCRATCH = tuple(f"s{i}" for i in range(10))
 
 
 def _buffer(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """This thread's reusable buffer ``tag`` with at least ``n`` elements (a view of n)."""
-    bufs = getattr(_tls, "bufs", None)
-    if bufs is None:
+    try:
+        bufs = _tls.bufs
+    except AttributeError:
         bufs = _tls.bufs = {}
     key = (tag, dtype, device)
     t = bufs.get(key)
@@ -88,7 +90,8 @@ def _buffer(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch
         t = torch.empty(n, dtype=dtype, device=device)
         if n <= 4 * CHUNK_CUDA:  # keep ordinary sizes; a huge one-off (a 1-D DELLA row) is freed after use
             bufs[key] = t
-    return t[:n]
+    # most chunks are full: the buffer itself, without a fresh view (a few us a call, ~12 calls a chunk)
+    return t if t.numel() == n else t[:n]
 
 
 class _Chunk:
@@ -123,7 +126,7 @@ class _Chunk:
         return self.b
 
     def scratch(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return _buffer(f"s{i}", self.e - self.s, dtype, self.a.device)
+        return _buffer(_SCRATCH[i], self.e - self.s, dtype, self.a.device)
 
 
 def _is_stored(t) -> bool:
@@ -552,9 +555,14 @@ def merge_tensor(
     name: str = "tensor",
     device: torch.device | str | None = None,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    sink=None,
+) -> torch.Tensor | None:
     """The child's tensor under ``recipe`` (a ``TensorRecipe``); ``seed``: the tensor's mask seed
     (``recipe.tensor_seed(genome_hash, name)``); ``name`` only names the tensor in errors.
+
+    ``sink``: instead of returning the tensor, hand it to ``sink(piece)`` a chunk at a time, in order
+    (flat, in ``out_dtype``, valid until the next call), and return None: the export writes them
+    straight to the file, holding no output tensor. Only for recipes that ``streams``.
 
     Returns a tensor of ``out_dtype`` (default: the father's dtype) on ``device`` (default: the
     father's). Transplanted tensors (``recipe.transplant_side()``) come back as the parent's tensor
@@ -567,6 +575,8 @@ def merge_tensor(
     """
     from darwin_hydra.merge.recipe import FATHER
 
+    if sink is not None and not (streams(recipe) and father.is_floating_point()):
+        raise ValueError(f"tensor {name!r}: a transplant, copied rows or an integer tensor cannot be merged into a sink")
     if any(_is_stored(t) for t in (father, mother, base)):
         if device is None:
             raise ValueError(f"tensor {name!r}: stored (on-disk) parents need an explicit merge device")
@@ -599,15 +609,21 @@ def merge_tensor(
         plan = [(recipe.method, seed, w), (recipe.blend_method, seed ^ BLEND_SALT, 1.0 - w)]
     kernels = [(*_kernel(m, P, recipe, s), wt) for m, s, wt in plan]  # runs whole-tensor statistics
     unread = kernels[0][1]  # the first kernel's output is always in y: what it reads is checked there
-    out = torch.empty(P.n, dtype=out_dtype or father.dtype, device=dev)
+    dtype = out_dtype or father.dtype
+    out = torch.empty(P.n, dtype=dtype, device=dev) if sink is None else None
     for s, e in P.ranges():
         y = None
         for i, (kernel, _, wt) in enumerate(kernels):
             z = kernel(P.load(s, e, tag=str(i), check=unread if i == 0 else ()))
             y = z if wt == 1.0 else (z.mul_(wt) if y is None else y.add_(z.mul_(wt)))
         P.add_to_check(y)
-        out[s:e].copy_(y)
+        if sink is None:
+            out[s:e].copy_(y)
+        else:
+            sink(_buffer("out", e - s, dtype, dev).copy_(y))
     P.check_finite()
+    if sink is not None:
+        return None
     out = out.view(P.shape)
     if recipe.rows_from:
         out = _rows_from(out, recipe.rows_from, father, mother, name, recipe.rows_gain)

@@ -97,6 +97,7 @@ class MergeStage(Stage):
             recipe.genome_hash,
             ctx.child_dir,
             workers=int(ctx.cfg.merge.workers),
+            processes=ctx.cfg.merge.processes,
             device=str(ctx.cfg.merge.device),
             max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
             extra_files=extra,
