@@ -12,8 +12,9 @@ does the memory of the tensors in flight. Checkpoints are written straight with 
 seconds) and cached under ``--cache``.
 
 Each repetition runs, interleaved (the order rotates between repetitions), every measurement in its
-own process under ``/usr/bin/time`` (wall time, peak RSS of the largest process), its process tree's
-summed PSS sampled every 0.1 s (memory of worker processes included, shared pages counted once):
+own process under ``/usr/bin/time`` (wall time, peak RSS of the largest process); then one more,
+untimed, run of each with its process tree's summed PSS sampled every 0.1 s (memory of worker
+processes included, shared pages counted once; sampling slows a process, so it is kept apart):
 
 - ``mergekit``: ``mergekit-yaml cfg.yml OUT [--mergekit-flags]`` with ties / dare_ties, base_model =
   base, weight 0.5 and density 0.5 for both fine-tunes, ``dtype: bfloat16`` (mergekit's defaults
@@ -32,7 +33,9 @@ summed PSS sampled every 0.1 s (memory of worker processes included, shared page
 
 The parents' files are read once before each repetition so the page cache is warm, and every
 output is deleted outside the timed region. Printed: a table of every run, then medians and the
-ratios mergekit/cli (goal >= 5) and inproc/floor (goal <= 3); with ``--json`` also a JSON line.
+ratios mergekit/cli (goal >= 5) and inproc/floor (goal <= 3; against the floor's median and its
+fastest run, since on this VM faulting in fresh memory is at times 2x slower and the floor touches
+1.2 GB); with ``--json`` also a JSON line.
 """
 
 from __future__ import annotations
@@ -321,10 +324,15 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def run_sampled(cmd: list[str], stdout, stderr, every: float = 0.1) -> tuple[int, int]:
-    """Run ``cmd``; its exit status and the peak, over samples every ``every`` s, of the summed PSS
-    of its process tree (MB): the memory of a command whose workers are processes, counted once."""
+def run_sampled(cmd: list[str], stdout, stderr, every: float | None = 0.1) -> tuple[int, int | None]:
+    """Run ``cmd``; its exit status and, when ``every`` is set, the peak over samples every ``every``
+    s of the summed PSS of its process tree (MB): the memory of a command whose workers are
+    processes, counted once. Sampling slows the command (reading smaps_rollup walks its page tables
+    under its mmap lock: the floor's 1.2 GB of fresh memory went 0.3 -> 0.55-0.8 s), so timed runs
+    do not sample."""
     p = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+    if every is None:
+        return p.wait(), None
     peak = 0
     while p.poll() is None:
         peak = max(peak, sum(_pss_kb(q) for q in _tree(p.pid)))
@@ -332,8 +340,9 @@ def run_sampled(cmd: list[str], stdout, stderr, every: float = 0.1) -> tuple[int
     return p.returncode, round(peak / 1024)
 
 
-def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) -> dict:
-    """Run one measurement in its own process under /usr/bin/time; the output is deleted afterwards."""
+def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str], sample_pss: bool = False) -> dict:
+    """Run one measurement in its own process under /usr/bin/time; the output is deleted afterwards.
+    ``sample_pss``: a memory run (the process tree's PSS sampled; its time is not representative)."""
     out = work / f"out_{tool}_{method}"
     shutil.rmtree(out, ignore_errors=True)
     timing = work / "time.txt"
@@ -341,7 +350,8 @@ def measure(tool: str, method: str, dirs: dict, work: Path, flags: list[str]) ->
     load = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
         t0 = time.perf_counter()
-        rc, pss_mb = run_sampled(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], so, se)
+        rc, pss_mb = run_sampled(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], so, se,
+                                 0.1 if sample_pss else None)
         wall = time.perf_counter() - t0
         so.seek(0)
         se.seek(0)
@@ -393,6 +403,9 @@ def summarise(rows: list[dict], methods: list[str]) -> dict:
             "pss_mb": {t: med(t, m, "peak_pss_mb") for t in ("mergekit", "cli", "inproc")},
             "speedup_mergekit_over_cli": None if not (mk and cli) else round(mk[0] / cli[0], 2),
             "inproc_over_floor": None if not (ip and floor) else round(ip[0] / floor[0], 2),
+            # the floor's fastest run: on this VM, fresh memory is sometimes much slower to fault in
+            # (the floor touches 1.2 GB: 0.27-0.30 s or 0.6-0.75 s, alternating), the merge little
+            "inproc_over_floor_min": None if not (ip and floor) else round(ip[0] / floor[1], 2),
             "inproc_over_floor3": None if not (ip and floor3) else round(ip[0] / floor3[0], 2),
         }
     return out
@@ -417,12 +430,12 @@ def report(summary: dict, methods: list[str], scale: int, reps: int, mergekit_fl
     cols = [("mergekit s", "mergekit_s"), ("cli s", "cli_s"), ("inproc s", "inproc_s"), ("mergekit MB", "mergekit_rss_mb"),
             ("cli MB", "cli_rss_mb"), ("inproc MB", "inproc_rss_mb")]
     print(f"{'method':<10}" + "".join(f"{c:>22}" for c, _ in cols)
-          + f"{'mergekit/cli':>14}{'inproc/floor':>14}{'inproc/floor3':>15}")
+          + f"{'mergekit/cli':>14}{'inproc/floor':>14}{'/floor min':>12}{'inproc/floor3':>15}")
     for m in methods:
         s = summary[m]
         print(f"{m:<10}" + "".join(f"{fmt(s[k]):>22}" for _, k in cols)
               + f"{fmt(s['speedup_mergekit_over_cli']):>14}{fmt(s['inproc_over_floor']):>14}"
-              f"{fmt(s['inproc_over_floor3']):>15}")
+              f"{fmt(s['inproc_over_floor_min']):>12}{fmt(s['inproc_over_floor3']):>15}")
     for m in methods:
         print(f"{m}: peak PSS of the whole process tree (workers included, shared pages counted once), MB: "
               + ", ".join(f"{t} {fmt(v)}" for t, v in summary[m]["pss_mb"].items() if v))
@@ -451,6 +464,7 @@ def main() -> None:
     ap.add_argument("--processes", choices=["auto", "on", "off"], default="auto",
                     help="inproc's workers: forked processes (on), threads (off) or merge_to_disk's choice (auto)")
     ap.add_argument("--json", action="store_true", help="also print every run and the summary as one JSON line")
+    ap.add_argument("--no-pss", action="store_true", help="skip the untimed memory run (process tree PSS) of each tool")
     # internal: one in-process measurement
     ap.add_argument("--child", choices=["inproc", "apply", "floor", "floor3"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -479,7 +493,7 @@ def main() -> None:
     plan += [(t, "-") for t in args.tools if t in FLOORS]
     log.info("%d cores, load average %.2f; %d runs a repetition, %d repetition(s)", os.cpu_count(),
              os.getloadavg()[0], len(plan), args.reps)
-    rows = []
+    rows, memory = [], []
     try:
         for rep in range(args.reps):
             k = rep % len(plan)
@@ -488,11 +502,20 @@ def main() -> None:
                 row = measure(tool, method, dirs, work, flags[tool])
                 row["rep"] = rep
                 rows.append(row)
-                log.info("%-9s %-10s %7.2f s (in process %s s)  peak RSS %5d MB, tree PSS %5d MB  load %.2f", tool,
-                         row["method"], row["wall_s"], fmt(row["inner_s"]), row["peak_rss_mb"], row["peak_pss_mb"],
-                         row["load1"])
+                log.info("%-9s %-10s %7.2f s (in process %s s)  peak RSS %5d MB  load %.2f", tool, row["method"],
+                         row["wall_s"], fmt(row["inner_s"]), row["peak_rss_mb"], row["load1"])
+        if not args.no_pss:
+            for tool, method in plan:  # one more, untimed, run of each with the tree's memory sampled
+                warm(dirs)
+                row = measure(tool, method, dirs, work, flags[tool], sample_pss=True)
+                memory.append(row)
+                log.info("%-9s %-10s memory run: peak PSS of the process tree %5d MB", tool, row["method"],
+                         row["peak_pss_mb"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    pss = {(m["tool"], m["method"]): m["peak_pss_mb"] for m in memory}
+    for r in rows:
+        r["peak_pss_mb"] = pss.get((r["tool"], r["method"]))
     summary = summarise(rows, args.methods)
     report(summary, args.methods, args.scale, args.reps, args.mergekit_flags, args.grow_vocab)
     for r in rows:

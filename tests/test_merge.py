@@ -745,6 +745,46 @@ def test_a_killed_export_leaves_no_finished_looking_child(parents, tmp_path, pro
     assert (tmp_path / "child" / "checksums.json").exists() and not list(tmp_path.glob("child.tmp*"))
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_nan_in_a_parent_file_stops_the_export_by_name(parents, tmp_path, processes):
+    """Raised in a worker (a forked one included), reported by tensor and parent; nothing is left."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from darwin_hydra.merge import engine
+
+    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+        pytest.skip("forked export workers need Linux")
+    base, father, mother = parents
+    bad = tmp_path / "mother"
+    shutil.copytree(mother, bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = sorted(n for n in tensors if n.endswith("mlp.gate.weight") or n.endswith("down_proj.weight"))[0]
+    tensors[name].view(-1)[7] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    b, f, m = _readers([base, father, bad])
+    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.5, density_b=0.5) for n in f.names})
+    with pytest.raises(NonFiniteTensorError, match=rf"mother tensor '{name}' holds 1 NaN"):
+        merge_to_disk(f, m, b, rmap, "h", tmp_path / "child", workers=2, progress=False, processes=processes)
+    assert not (tmp_path / "child").exists() and not list(tmp_path.glob("child.tmp*"))
+
+
+def test_export_workers_are_processes_only_where_they_work(monkeypatch):
+    from darwin_hydra.merge import engine
+
+    cpu = torch.device("cpu")
+    assert not engine._use_processes(None, cpu, 1) and not engine._use_processes(True, cpu, 1)  # one worker: no pool
+    assert not engine._use_processes(False, cpu, 4)
+    assert not engine._use_processes(None, torch.device("cuda"), 4)
+    with pytest.raises(ValueError, match="merge.processes=true merges on the CPU only"):
+        engine._use_processes(True, torch.device("cuda"), 4)
+    monkeypatch.setattr(engine.sys, "platform", "darwin")
+    assert not engine._use_processes(None, cpu, 4)
+    with pytest.raises(ValueError, match="merge.processes=true needs fork"):
+        engine._use_processes(True, cpu, 4)
+
+
 def _alive(pid: int) -> bool:
     """A process that exists and is not a zombie."""
     try:
