@@ -84,7 +84,7 @@ def reproduce(run_dir: Path, keep: bool = False) -> list[str]:
         shutil.rmtree(rebuilt)
     readers = ctx.readers()
     merge_to_disk(readers["father"], readers["mother"], readers.get("base"), recipe.ratio_map, recipe.genome_hash,
-                  rebuilt, workers=int(cfg.merge.workers), processes=cfg.merge.get("processes"), device="cpu",
+                  rebuilt, workers=int(cfg.merge.workers), device="cpu",
                   max_shard_bytes=int(cfg.export.max_shard_bytes))
     try:
         problems += [f"rebuilt {p}" for p in verify_dir(rebuilt, recorded)]

@@ -774,7 +774,9 @@ def test_export_workers_are_processes_only_where_they_work(monkeypatch):
     from darwin_hydra.merge import engine
 
     cpu = torch.device("cpu")
-    assert not engine._use_processes(None, cpu, 1) and not engine._use_processes(True, cpu, 1)  # one worker: no pool
+    assert not engine._use_processes(None, cpu, 1)  # one worker: no pool unless asked
+    if sys.platform == "linux":
+        assert engine._use_processes(True, cpu, 1) and engine._use_processes(None, cpu, 2)
     assert not engine._use_processes(False, cpu, 4)
     assert not engine._use_processes(None, torch.device("cuda"), 4)
     with pytest.raises(ValueError, match="merge.processes=true merges on the CPU only"):
@@ -783,6 +785,49 @@ def test_export_workers_are_processes_only_where_they_work(monkeypatch):
     assert not engine._use_processes(None, cpu, 4)
     with pytest.raises(ValueError, match="merge.processes=true needs fork"):
         engine._use_processes(True, cpu, 4)
+
+
+class _TwoArgError(Exception):
+    def __init__(self, a, b):  # does not unpickle from its args alone
+        super().__init__(f"{a} and {b}")
+
+
+def test_a_worker_error_names_its_tensor_even_one_that_does_not_unpickle(parents, tmp_path, monkeypatch):
+    from darwin_hydra.merge import engine
+
+    base, father, mother = _readers(parents)
+    target = sorted(father.names)[3]
+
+    def failing(*a, name="tensor", **k):
+        if name == target:
+            raise _TwoArgError("this", "that")
+        return merge_tensor(*a, name=name, **k)
+
+    monkeypatch.setattr(engine, "merge_tensor", failing)
+    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
+    for processes in ([False, True] if engine._use_processes(None, torch.device("cpu"), 2) else [False]):
+        with pytest.raises((_TwoArgError, RuntimeError), match="this and that") as info:
+            merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", workers=2, progress=False,
+                          processes=processes)
+        assert f"(while merging tensor {target!r})" in info.value.__notes__
+        assert processes == (info.type is RuntimeError)  # a forked worker's error crossed as its message
+        assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp*"))
+
+
+def test_the_plain_merge_hash_ignores_how_the_export_runs(parents):
+    from omegaconf import OmegaConf
+
+    from darwin_hydra.search.genome import digest
+    from darwin_hydra.stages.merge import plain_hash
+
+    fps = {"father": "f", "mother": "m"}
+    cfgs = [OmegaConf.structured(MergeConfig(method="dare_ties", processes=p)) for p in (None, False, True)]
+    hashes = {plain_hash(c, fps) for c in cfgs}
+    assert len(hashes) == 1
+    # the hash runs made before merge.processes existed got (their config had no such key)
+    old = OmegaConf.to_container(cfgs[0], resolve=True)
+    del old["processes"]
+    assert hashes == {digest({"merge": old, "parents": fps})}
 
 
 def _alive(pid: int) -> bool:

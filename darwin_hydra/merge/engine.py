@@ -1,8 +1,9 @@
 """The merge engine: the per-tensor functions of ``methods`` in two modes.
 
-- export (``merge_to_disk``): tensors read from the parents' files by a pool of worker threads,
-  merged a chunk at a time and handed to the sharded writer in the father's tensor order; memory is
-  bounded by the tensors in flight (``max_inflight_bytes``), never the model.
+- export (``merge_to_disk``): the child's shard layout is reserved first; then a pool of workers
+  (processes forked from this one on Linux, else threads) merges tensors a chunk at a time, from
+  the parents' files straight into each tensor's place in the child's; memory is bounded by the
+  workers' chunk buffers and the few tensors held whole (``max_inflight_bytes``), never the model.
 - in memory (``InMemoryMerger``): the child written into an already loaded model's parameters
   (through ``darwin_hydra.io.layout.param_views``, fused MoE experts included), for search trials.
 
@@ -19,10 +20,12 @@ import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -170,10 +173,12 @@ def merge_to_disk(
     are scheduled at once (one tensor always may). ``dtype`` (e.g. "bfloat16"): the child's floating
     dtype (default: the father's, transplants included).
 
-    ``processes``: the workers are processes forked from this one instead of threads; None =
-    processes on Linux for a CPU merge with 2+ workers. Threads hold the GIL between torch's kernels,
-    ~40 a chunk, and wait for each other there: processes take ~0.8 x the time on the benchmark
-    (docs/merge.md). Both give the same files, bit for bit.
+    ``processes``: the workers are processes forked from this one instead of threads (True: even
+    one worker; an error where fork is unavailable); None = processes on Linux for a CPU merge with
+    2+ workers. Threads hold the GIL between torch's kernels, ~40 a chunk, and wait for each other
+    there: processes took 0.91-0.97x the threads' time on the 2-core benchmark (docs/merge.md).
+    Both give the same files, bit for bit. With one worker, merging, hashing and writing take turns
+    on one core (the export uses one core, as asked).
 
     Everything lands in ``out_dir`` atomically (``CheckpointWriter``), with ``checksums.json`` and
     ``extra_files`` (relative path -> text); on any error nothing named ``out_dir`` is left.
@@ -260,15 +265,20 @@ def merge_to_disk(
 
 def _use_processes(processes: bool | None, dev: torch.device, n_workers: int) -> bool:
     """Whether the export forks worker processes (``merge_to_disk``'s ``processes``)."""
-    if processes is False or n_workers < 2:
+    if processes is False or (processes is None and n_workers < 2):
         return False
     if dev.type != "cpu":
         if processes:
             raise ValueError(f"merge.processes=true merges on the CPU only (merge.device={dev}); use threads")
         return False
     can_fork = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+    if multiprocessing.current_process().daemon:  # a daemonic process may not have children
+        can_fork = False
     if processes and not can_fork:
-        raise ValueError(f"merge.processes=true needs fork (Linux); this is {sys.platform}: set it to null or false")
+        raise ValueError(
+            f"merge.processes=true needs fork on Linux, outside a daemonic process (this is {sys.platform}): "
+            "set it to null or false"
+        )
     return can_fork
 
 
@@ -280,6 +290,7 @@ def _forked_init(job, slots, parent: int) -> None:
     global _forked_export
     _forked_export = (job, slots)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the parent: terminate() ends us
     _die_with_parent(parent)
     torch.set_num_threads(1)
 
@@ -291,17 +302,27 @@ def _die_with_parent(parent: int) -> None:
 
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        failed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0
     except (OSError, AttributeError):
-        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: an orphaned export worker may linger")
+        failed = True
+    if failed:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: an export worker may outlive a killed merge")
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
 def _forked_job(name: str) -> str:
-    """Merge ``name`` into its slot; its sha256."""
+    """Merge ``name`` into its slot; its sha256. An error that cannot cross the pipe (an exception
+    that does not unpickle) comes back as a RuntimeError with its type and message."""
     job, slots = _forked_export
-    return job(name, slots[name])
+    try:
+        return job(name, slots[name])
+    except Exception as e:
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:
+            raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        raise
 
 
 def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, forked: bool):
@@ -313,7 +334,10 @@ def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, fo
                                    initializer=_forked_init, initargs=(job, slots, os.getpid()))
 
         def submit(name):
-            return pool.submit(_forked_job, name)
+            with warnings.catch_warnings():  # Python 3.12+ warns on any fork of a threaded process;
+                # the workers only merge, read and write files (no locks of other threads)
+                warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+                return pool.submit(_forked_job, name)
     else:
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge", initializer=_init_worker)
 
@@ -336,17 +360,24 @@ def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, fo
                 pending = next(it, None)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
-                name, c = running.pop(fut)
+                name, c = running[fut]
                 try:
                     sha = fut.result()
-                except BrokenProcessPool as e:
-                    raise RuntimeError(
-                        f"an export worker process died while merging (tensor {name!r} among those in flight); "
-                        "out of memory? Nothing was written to the output directory"
-                    ) from e
+                except BrokenProcessPool:
+                    raise
+                except Exception as e:
+                    e.add_note(f"(while merging tensor {name!r})")
+                    raise
+                del running[fut]
                 inflight -= c
                 yield name, sha
         ok = True
+    except BrokenProcessPool as e:
+        queued = [n for n, _ in running.values()]
+        raise RuntimeError(
+            f"an export worker process died (killed, or out of memory?) with {len(queued)} tensor(s) submitted, "
+            f"e.g. {queued[:4]}; nothing was written to the output directory"
+        ) from e
     finally:
         for fut in running:
             fut.cancel()

@@ -64,8 +64,18 @@ def child_recipe(ctx: RunContext) -> ChildRecipe:
     merge_cfg = OmegaConf.to_object(ctx.cfg.merge)
     rmap = plain_ratio_map(list(father.names), merge_cfg, L)
     fingerprints = {role: r.fingerprint() for role, r in readers.items()}
-    h = digest({"merge": OmegaConf.to_container(ctx.cfg.merge, resolve=True), "parents": fingerprints})
-    return ChildRecipe(rmap, h, None, "plain")
+    return ChildRecipe(rmap, plain_hash(ctx.cfg.merge, fingerprints), None, "plain")
+
+
+def plain_hash(merge_cfg, fingerprints: dict) -> str:
+    """A plain merge's genome_hash: of its merge config and the parents' fingerprints. ``processes``
+    (how the export runs, added later) is left out, so it never changes a child; ``workers`` and
+    ``device`` are in, as they always were, so that runs made so far reproduce."""
+    from darwin_hydra.search.genome import digest
+
+    merge = OmegaConf.to_container(merge_cfg, resolve=True)
+    merge.pop("processes", None)
+    return digest({"merge": merge, "parents": fingerprints})
 
 
 def basic_model_card(ctx: RunContext, recipe: ChildRecipe) -> str:
