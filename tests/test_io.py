@@ -235,6 +235,21 @@ def test_reserved_slots_written_in_any_order_give_the_files_add_gives(tiny_dirs,
         assert f.read_bytes() == (b / f.name).read_bytes(), f.name
 
 
+def test_mapped_reads_equal_pread_reads(tiny_dirs):
+    src = tiny_dirs["gemma4"]
+    plain, mapped = CheckpointReader(src), CheckpointReader(src)
+    mapped.map_files()
+    for name in plain.names:
+        a, b = plain.stored(name), mapped.stored(name)
+        n = a.numel()
+        for lo, hi in ((0, n), (n // 3, n - n // 5), (n, n)):
+            assert torch.equal(a.read(lo, hi).clone(), b.read(lo, hi)), name
+        b.release()
+    view = mapped.stored(plain.names[0]).read(0, 4)  # alive while the reader closes
+    mapped.close()
+    assert view.numel() == 4
+
+
 def test_a_reserved_slot_never_filled_or_misfilled_is_refused(tiny_dirs, tmp_path):
     from darwin_hydra.io.checkpoint import write_slot
 

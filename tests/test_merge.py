@@ -787,6 +787,32 @@ def test_export_workers_are_processes_only_where_they_work(monkeypatch):
         engine._use_processes(True, cpu, 4)
 
 
+def test_a_parent_truncated_under_a_forked_worker_stops_the_export(parents, tmp_path, monkeypatch):
+    """Forked workers read the parents through mmap: a file cut short while mapped kills the worker
+    (SIGBUS), not the merging process, which stops with an error and leaves nothing."""
+    import shutil
+
+    from darwin_hydra.merge import engine
+
+    if not engine._use_processes(None, torch.device("cpu"), 2):
+        pytest.skip("forked export workers need Linux")
+    copies = [shutil.copytree(p, tmp_path / p.name) for p in parents]
+    base, father, mother = _readers(copies)
+    target = sorted(father.names)[-1]
+    shard = mother.file_of(target)
+
+    def truncating(*a, name="tensor", **k):
+        if name == target:
+            os.truncate(shard, 64)
+        return merge_tensor(*a, name=name, **k)
+
+    monkeypatch.setattr(engine, "merge_tensor", truncating)
+    rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
+    with pytest.raises(RuntimeError, match="an export worker process died .*truncated"):
+        merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", workers=2, progress=False, processes=True)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp*"))
+
+
 class _TwoArgError(Exception):
     def __init__(self, a, b):  # does not unpickle from its args alone
         super().__init__(f"{a} and {b}")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -148,10 +149,17 @@ class StoredTensor:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Flat elements [start, stop), in this thread's read buffer: valid until the thread's next
-        ``read``, so copy (convert) it before reading again."""
+        ``read``, so copy (convert) it before reading again. (From a reader that ``map_files``: a view
+        of the mapped file, no copy.)"""
         if not 0 <= start <= stop <= self._n:
             raise IndexError(f"tensor {self.entry.name!r}: elements [{start}, {stop}) outside 0..{self._n}")
         nbytes = (stop - start) * self.itemsize
+        if self.reader._mapped and nbytes:
+            e = self.entry
+            mm = self.reader._map(e.file)
+            return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=e.start + start * self.itemsize).view(
+                self.dtype
+            )
         buf = getattr(_read_tls, "buf", None)
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -165,6 +173,16 @@ class StoredTensor:
         except OSError as err:
             raise OSError(f"{e.file}: cannot read tensor {e.name!r}: {err}") from err
         return raw.view(self.dtype)
+
+    def release(self) -> None:
+        """Drop this tensor's pages from a mapping reader's address space (they stay in the page
+        cache): the pages of the parents a merge has read do not pile up in its RSS."""
+        if not self.reader._mapped or not self.entry.nbytes:
+            return
+        e = self.entry
+        mm = self.reader._map(e.file)
+        lo = e.start - e.start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(len(mm), e.start + e.nbytes) - lo)
 
     def load(self) -> torch.Tensor:
         """The whole tensor, in fresh memory (``CheckpointReader.get``)."""
@@ -215,6 +233,8 @@ class CheckpointReader:
         self.allow_pickle = allow_pickle
         self._lock = threading.Lock()
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._mapped = False
         self._entries: dict[str, TensorEntry] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._pickle_file: dict[str, Path] = {}
@@ -376,6 +396,26 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self.names)} tensors, {self.format})"
 
     # ---- data -----------------------------------------------------------------------------------
+    def map_files(self) -> None:
+        """From now on, ``StoredTensor.read`` returns views of the memory-mapped files instead of
+        ``pread`` copies: one copy less per chunk read (forked export workers: ties 0.89x, dare_ties
+        0.96x the time, docs/merge.md). A file truncated while mapped then kills the process with
+        SIGBUS instead of raising OSError, so only processes whose death is handled should call this
+        (the export's forked workers: the merge stops with an error)."""
+        self._mapped = True
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            fd = self._fd(file)  # takes the lock itself
+            with self._lock:
+                mm = self._maps.get(file)
+                if mm is None:
+                    # private and writable: no copy unless written (never), and torch.frombuffer warns
+                    # about read-only buffers
+                    mm = self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        return mm
+
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
@@ -464,9 +504,15 @@ class CheckpointReader:
         return digest
 
     def close(self) -> None:
-        """Release the open file descriptors (a later ``get`` reopens what it needs)."""
+        """Release the open file descriptors and mappings (a later ``get`` reopens what it needs)."""
         with self._lock:
             fds, self._fds = self._fds, {}
+            maps, self._maps = self._maps, {}
+        for mm in maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views it: the mapping goes when that tensor does
+                pass
         for fd in fds.values():
             try:
                 os.close(fd)

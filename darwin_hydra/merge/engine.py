@@ -226,6 +226,9 @@ def merge_to_disk(
         if slot is not None and stream:
             with SlotWriter(slot) as w:
                 merge_named(name, *args, sink=w.write)
+                for t in args[:3]:
+                    if t is not None:
+                        t.release()  # a mapping reader's pages of this tensor (forked workers)
                 return w.finish()
         out = merge_named(name, *args)
         out = out if out.device.type == "cpu" else out.cpu()
@@ -247,7 +250,7 @@ def merge_to_disk(
     ) as writer:
         bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
         slots = {n: writer.reserve(n, stored_dtype(n), father.shape(n)) for n in names}
-        done = _export(names, job, slots, cost, n_workers, max_inflight_bytes, forked)
+        done = _export(names, job, slots, cost, n_workers, max_inflight_bytes, forked, readers)
         try:
             for name, sha in done:
                 writer.fill(name, sha)
@@ -286,9 +289,12 @@ def _use_processes(processes: bool | None, dev: torch.device, n_workers: int) ->
 _forked_export = None
 
 
-def _forked_init(job, slots, parent: int) -> None:
+def _forked_init(job, slots, parent: int, readers) -> None:
     global _forked_export
     _forked_export = (job, slots)
+    for r in readers:  # a worker may die of a truncated parent (SIGBUS): the export then stops with an error
+        if getattr(r, "format", None) == "safetensors":
+            r.map_files()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the parent: terminate() ends us
     _die_with_parent(parent)
@@ -325,13 +331,13 @@ def _forked_job(name: str) -> str:
         raise
 
 
-def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, forked: bool):
+def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, forked: bool, readers=()):
     """Merge every tensor into its reserved slot on ``n_workers`` threads, or processes forked from
     this one (``forked``); yield (name, sha256) as each is written, in any order. Forked workers get
     the job and the parents' readers by fork, not pickling: only names and digests cross the pipes."""
     if forked:
         pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_forked_init, initargs=(job, slots, os.getpid()))
+                                   initializer=_forked_init, initargs=(job, slots, os.getpid(), readers))
 
         def submit(name):
             with warnings.catch_warnings():  # Python 3.12+ warns on any fork of a threaded process;
@@ -375,8 +381,9 @@ def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, fo
     except BrokenProcessPool as e:
         queued = [n for n, _ in running.values()]
         raise RuntimeError(
-            f"an export worker process died (killed, or out of memory?) with {len(queued)} tensor(s) submitted, "
-            f"e.g. {queued[:4]}; nothing was written to the output directory"
+            f"an export worker process died (killed, out of memory, or a parent's file truncated while it was "
+            f"read?) with {len(queued)} tensor(s) submitted, e.g. {queued[:4]}; nothing was written to the output "
+            "directory"
         ) from e
     finally:
         for fut in running:
