@@ -60,9 +60,9 @@ class MergeConfig:
     device: str = "cpu"
     # tensors merged in parallel (0 = one per core)
     workers: int = 0
-    # export workers as forked processes instead of threads (Linux, CPU; the same files; 0.91-0.97x
-    # the threads' time on 2 cores, docs/merge.md); null = processes where they work (Linux, CPU
-    # merge, 2+ workers); true = processes even for one worker, or an error
+    # export workers as forked processes instead of threads (Linux, CPU; the same files; 0.81x (ties)
+    # and 0.99x (dare_ties) the threads' time on 2 cores, docs/merge.md); null = processes where they
+    # work (Linux, CPU merge, 2+ workers); true = processes even for one worker, or an error
     processes: Optional[bool] = None
     # the child's floating dtype: null = the father's, else bfloat16 / float16 / float32
     dtype: Optional[str] = None

@@ -176,7 +176,9 @@ def merge_to_disk(
     ``processes``: the workers are processes forked from this one instead of threads (True: even
     one worker; an error where fork is unavailable); None = processes on Linux for a CPU merge with
     2+ workers. Threads hold the GIL between torch's kernels, ~40 a chunk, and wait for each other
-    there: processes took 0.91-0.97x the threads' time on the 2-core benchmark (docs/merge.md).
+    there, and forked workers read the parents through mmap (a truncated parent kills a worker, not
+    this process): processes took 0.81x (ties) and 0.99x (dare_ties) the threads' time on the 2-core
+    benchmark (docs/merge.md).
     Both give the same files, bit for bit. With one worker, merging, hashing and writing take turns
     on one core (the export uses one core, as asked).
 
