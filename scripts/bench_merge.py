@@ -14,7 +14,7 @@ seconds) and cached under ``--cache``.
 Each repetition runs, interleaved (the order rotates between repetitions), every measurement in its
 own process under ``/usr/bin/time`` (wall time, peak RSS of the largest process); then one more,
 untimed, run of each with its process tree's summed PSS sampled every 0.1 s (memory of worker
-processes included, shared pages counted once; sampling slows a process, so it is kept apart):
+processes included, shared pages counted once; sampling could slow a process, so it is kept apart):
 
 - ``mergekit``: ``mergekit-yaml cfg.yml OUT [--mergekit-flags]`` with ties / dare_ties, base_model =
   base, weight 0.5 and density 0.5 for both fine-tunes, ``dtype: bfloat16`` (mergekit's defaults
@@ -327,9 +327,8 @@ def _pss_kb(pid: int) -> int:
 def run_sampled(cmd: list[str], stdout, stderr, every: float | None = 0.1) -> tuple[int, int | None]:
     """Run ``cmd``; its exit status and, when ``every`` is set, the peak over samples every ``every``
     s of the summed PSS of its process tree (MB): the memory of a command whose workers are
-    processes, counted once. Sampling slows the command (reading smaps_rollup walks its page tables
-    under its mmap lock: the floor's 1.2 GB of fresh memory went 0.3 -> 0.55-0.8 s), so timed runs
-    do not sample."""
+    processes, counted once. Reading smaps_rollup walks the process's page tables under its mmap
+    lock, which can slow a process that faults in much memory, so timed runs do not sample."""
     p = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
     if every is None:
         return p.wait(), None

@@ -816,8 +816,6 @@ class CheckpointWriter:
     # ---- adding tensors -------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor for writing under its canonical on-disk ``name``."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor name must be a non-empty str, got {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         with self._add_lock:
@@ -837,6 +835,9 @@ class CheckpointWriter:
                 self._cv.notify_all()
 
     def _check_new(self, name: str) -> None:
+        """A tensor ``name`` may be added or reserved now (opens the writer on first use)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor name must be a non-empty str, got {name!r}")
         if self._state == "new":
             self.open()
         if self._state != "open":
@@ -851,8 +852,6 @@ class CheckpointWriter:
         sha256 with ``fill``. Reserving every tensor in order gives the layout ``add`` would, so the
         files come out the same bytes; tensors may then be written in any order, at once. Shards
         close at ``commit``, which refuses a tensor reserved and never filled."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor name must be a non-empty str, got {name!r}")
         if dtype not in CODES:
             raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
         if self.dtype is not None and dtype.is_floating_point and dtype != self.dtype:

@@ -217,24 +217,23 @@ def merge_to_disk(
         dt = father.dtype(name)
         return (out_dtype or dt) if dt.is_floating_point else dt
 
-    def job(name: str, slot=None):
-        """The merged tensor; or, given its reserved slot, its sha256 once written there (a streamed
-        tensor a chunk at a time, with no output tensor)."""
+    def job(name: str, slot) -> str:
+        """Merge ``name`` into its reserved slot; its sha256. A streamed tensor goes a chunk at a
+        time, with no output tensor."""
         from darwin_hydra.io.checkpoint import SlotWriter, storable, write_slot
 
         stream = streamed(name)
+        # (merge_tensor returns an integer tensor as the father's, whatever out_dtype says)
         args = (parent(father, name, stream), parent(mother, name, stream), parent(base, name, stream),
-                ratio_map[name], genome_hash, dev, stored_dtype(name) if father.dtype(name).is_floating_point else None)
-        if slot is not None and stream:
-            with SlotWriter(slot) as w:
-                merge_named(name, *args, sink=w.write)
-                for t in args[:3]:
-                    if t is not None:
-                        t.release()  # a mapping reader's pages of this tensor (forked workers)
-                return w.finish()
-        out = merge_named(name, *args)
-        out = out if out.device.type == "cpu" else out.cpu()
-        return out if slot is None else write_slot(slot, storable(name, out))
+                ratio_map[name], genome_hash, dev, stored_dtype(name))
+        if not stream:
+            return write_slot(slot, storable(name, merge_named(name, *args)))
+        with SlotWriter(slot) as w:
+            merge_named(name, *args, sink=w.write)
+            for t in args[:3]:
+                if t is not None:
+                    t.release()  # a mapping reader's pages of this tensor (forked workers)
+            return w.finish()
 
     roles = 3 if base is not None else 2
 
@@ -363,8 +362,9 @@ def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, fo
                 not running
                 or (len(running) < QUEUE_PER_WORKER * n_workers and inflight + cost(pending) <= max_inflight_bytes)
             ):
-                running[submit(pending)] = (pending, cost(pending))
-                inflight += cost(pending)
+                c = cost(pending)
+                running[submit(pending)] = (pending, c)
+                inflight += c
                 pending = next(it, None)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:

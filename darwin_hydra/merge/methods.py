@@ -90,7 +90,7 @@ def _buffer(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch
         t = torch.empty(n, dtype=dtype, device=device)
         if n <= 4 * CHUNK_CUDA:  # keep ordinary sizes; a huge one-off (a 1-D DELLA row) is freed after use
             bufs[key] = t
-    # most chunks are full: the buffer itself, without a fresh view (a few us a call, ~12 calls a chunk)
+    # most chunks are full: the buffer itself, without a fresh view (~2 us a call, ~12 calls a chunk)
     return t if t.numel() == n else t[:n]
 
 
