@@ -157,6 +157,9 @@ class StoredTensor:
         if self.reader._mapped and nbytes:
             e = self.entry
             mm = self.reader._map(e.file)
+            if e.end > len(mm):  # only if the file shrank after its header was read
+                raise OSError(f"{e.file}: cannot read tensor {e.name!r}: the file is now {len(mm)} bytes, "
+                              f"the tensor ends at byte {e.end} (truncated while open?)")
             return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=e.start + start * self.itemsize).view(
                 self.dtype
             )
@@ -240,8 +243,7 @@ class CheckpointReader:
         self._pickle_file: dict[str, Path] = {}
         self._fingerprint: str | None = None
         self._weight_map: dict[str, str] | None = None
-        cfg = self.path / "config.json"
-        self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        self.config: dict = _read_config(self.path / "config.json")
         if files is None:
             files = self._safetensors_files()
         if files:
@@ -257,6 +259,8 @@ class CheckpointReader:
         index = self.path / SAFETENSORS_INDEX
         if index.is_file():
             self._weight_map = _weight_map(index)
+            if not self._weight_map:
+                raise ValueError(f"{index}: its weight_map lists no tensors; the download or export is incomplete")
             files = sorted({self.path / f for f in self._weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -268,7 +272,7 @@ class CheckpointReader:
         self._weight_map = None
         if (self.path / SAFETENSORS_SINGLE).is_file():
             return [self.path / SAFETENSORS_SINGLE]
-        return sorted(self.path.glob("*.safetensors"))
+        return sorted(f for f in self.path.glob("*.safetensors") if f.is_file())
 
     def _pickle_files(self) -> list[Path]:
         index = self.path / PICKLE_INDEX
@@ -277,7 +281,7 @@ class CheckpointReader:
         elif (self.path / PICKLE_SINGLE).is_file():
             files = [self.path / PICKLE_SINGLE]
         else:
-            files = sorted(self.path.glob("pytorch_model*.bin"))
+            files = sorted(f for f in self.path.glob("pytorch_model*.bin") if f.is_file())
         if not files:
             raise FileNotFoundError(
                 f"{self.path}: no weights found (expected model.safetensors, a {SAFETENSORS_INDEX} with its "
@@ -413,7 +417,10 @@ class CheckpointReader:
                 if mm is None:
                     # private and writable: no copy unless written (never), and torch.frombuffer warns
                     # about read-only buffers
-                    mm = self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    try:
+                        mm = self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    except (OSError, ValueError) as e:  # e.g. emptied since its header was read
+                        raise OSError(f"{file}: cannot memory-map it: {e}") from e
         return mm
 
     def _fd(self, file: Path) -> int:
@@ -533,10 +540,36 @@ class CheckpointReader:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file name in the index's directory), checked."""
     try:
-        return dict(json.loads(index.read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a valid index (needs a 'weight_map' of tensor name -> file): {e}") from e
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as e:  # JSON, UTF-8, no weight_map, not an object
+        raise ValueError(
+            f"{index}: not a valid index (needs a 'weight_map' of tensor name -> file): {type(e).__name__}: {str(e)[:200]}"
+        ) from e
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: not a valid index: 'weight_map' is a {type(weight_map).__name__}, not an object")
+    for name, fname in weight_map.items():
+        # a plain file name: the shard is looked up by name, and an index must not point outside its directory
+        if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\0" in fname:
+            raise ValueError(
+                f"{index}: weight_map says tensor {name!r} is in {fname!r}, which is not a file name in "
+                f"{index.parent}; the index is corrupt (re-download or re-export)"
+            )
+    return weight_map
+
+
+def _read_config(cfg: Path) -> dict:
+    """A checkpoint's ``config.json`` (``{}`` when it has none)."""
+    if not cfg.is_file():
+        return {}
+    try:
+        config = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{cfg}: not valid JSON ({type(e).__name__}: {str(e)[:200]}); fix or re-download it") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg}: expected a JSON object, got a {type(config).__name__}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,12 @@ class TensorEntry:
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors and ``__metadata__`` of one safetensors file, from its header only.
 
-    Validates what a truncated download or a corrupt file would break: header size, dtype codes,
-    byte ranges inside the file, and a data section exactly as long as the header says.
+    Validates what a truncated download or a corrupt file would break, as safetensors itself does:
+    header size, strict UTF-8 JSON (no duplicate keys), entry types, dtype codes, shapes torch can
+    hold, ``end - begin = prod(shape) * itemsize``, tensors covering the data section with no hole
+    or overlap, and a data section exactly as long as the header says. So a lying header raises
+    ``ValueError`` naming the file (and tensor) before any tensor memory is allocated: every byte
+    range is inside the file.
     """
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -87,40 +92,116 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 f"{path}: not a safetensors file or truncated (header length {n}, file size {size}); "
                 "re-download or re-export it"
             )
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+        text = fh.read(n)
+    try:
+        # bytes would let json guess UTF-16/32; safetensors headers are UTF-8
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise ValueError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(_utf8(k) and _utf8(v) for k, v in metadata.items()):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     base = 8 + n
     entries: dict[str, TensorEntry] = {}
-    data_end = 0
     for name, info in header.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from e
-        if code not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which this torch build cannot represent")
-        dtype = DTYPES[code]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        entries[name] = _entry(path, base, name, info)
+    # The data section is the tensors back to back: sorted by offset, each begins where the one
+    # before ends (zero-size tensors included), the last ends at the end of the file.
+    pos = base
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if e.start != pos:
             raise ValueError(
-                f"{path}: tensor {name!r} header is inconsistent: shape {list(shape)} x {code} needs "
-                f"{numel * dtype.itemsize} bytes, data_offsets give {end - begin}"
+                f"{path}: tensor {e.name!r} has data_offsets [{e.start - base}, {e.end - base}], but the data "
+                f"before it ends at {pos - base}: {'overlapping tensors' if e.start < pos else 'a hole in the data'}; "
+                "the file is corrupt (re-download or re-export it)"
             )
-        data_end = max(data_end, end)
-        entries[name] = TensorEntry(name, path, dtype, shape, base + begin, base + end)
-    if base + data_end != size:
+        pos = e.end
+    if pos != size:
         raise ValueError(
-            f"{path}: file is {size} bytes but its header describes {base + data_end}: "
+            f"{path}: file is {size} bytes but its header describes {pos}: "
             "truncated or corrupt (an interrupted download or export?); re-download or re-export it"
         )
     return entries, metadata
+
+
+# Dimensions of a shape, and the product of its nonzero ones, must fit torch's int64 sizes and strides.
+_MAX_DIM = 2**63 - 1
+
+
+def _entry(path: Path, base: int, name: str, info: object) -> TensorEntry:
+    """One header entry checked: ``{"dtype": code, "shape": [ints >= 0], "data_offsets": [begin, end]}``."""
+
+    def nat(x: object) -> bool:
+        return type(x) is int and 0 <= x <= _MAX_DIM  # not bool, not float
+
+    if not _utf8(name):
+        raise ValueError(f"{path}: corrupt safetensors header (tensor name {_short(name)} is not valid UTF-8)")
+    try:
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
+        code = shape = offsets = None
+    if not (
+        isinstance(code, str)
+        and isinstance(shape, list)
+        and all(nat(d) for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(nat(o) for o in offsets)
+    ):
+        raise ValueError(
+            f"{path}: corrupt header entry for tensor {_short(name)}: {_short(info)} (expected "
+            '{"dtype": str, "shape": [ints >= 0], "data_offsets": [begin, end]})'
+        )
+    if code not in DTYPES:
+        raise ValueError(f"{path}: tensor {_short(name)} has dtype {_short(code)}, which this torch build cannot represent")
+    dtype = DTYPES[code]
+    begin, end = offsets
+    numel, extent = 1, 1
+    for d in shape:
+        numel *= d
+        extent *= max(d, 1)
+        if extent > _MAX_DIM:
+            raise ValueError(f"{path}: tensor {_short(name)} has shape {_short(shape)}, too large for any tensor")
+    if end < begin or end - begin != numel * dtype.itemsize:
+        raise ValueError(
+            f"{path}: tensor {_short(name)} header is inconsistent: shape {_short(shape)} x {code} needs "
+            f"{numel * dtype.itemsize} bytes, data_offsets [{begin}, {end}] give {end - begin}"
+        )
+    return TensorEntry(name, path, dtype, tuple(shape), base + begin, base + end)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (``json`` would keep the last of a duplicate)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {_short(dup)}")
+    return obj
+
+
+def _utf8(s: object) -> bool:
+    """``s`` is a str that encodes to UTF-8 (JSON escapes can make lone surrogates)."""
+    if not isinstance(s, str):
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
+def _short(x: object) -> str:
+    """``repr(x)`` for an error message, shortened: a corrupt header can hold anything, nested deep."""
+    return _REPR.repr(x)
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> None:
