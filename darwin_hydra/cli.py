@@ -36,8 +36,18 @@ def _app(cfg: DictConfig) -> None:
         atexit.register(gc.freeze)  # and what is alive at exit: shutdown skips a last pass over it
         _FROZE = True
     gc.enable()
-    run_dir = HydraConfig.get().runtime.output_dir
-    run_pipeline(cfg, run_dir)
+    from darwin_hydra.run import prepare_run
+
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    typed = prepare_run(cfg, run_dir, list(hc.overrides.task), hydra_cfg=hc)
+    run_pipeline(typed, run_dir)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (what schedulers send) unwinds like Ctrl-C: every ``finally`` runs, so an export in
+    progress removes its temporary directory instead of leaving it behind."""
+    raise SystemExit(128 + signum)
 
 
 def _tune_malloc() -> None:
@@ -77,12 +87,20 @@ def main() -> None:
     merge command's 3.5 s (scripts/bench_merge.py). Reference counting frees objects as always; a
     caller in the same process gets the collector back as it was.
     """
+    import signal
+    import threading
+
     was_enabled = gc.isenabled()
     gc.disable()
     _tune_malloc()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _app()
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if was_enabled:
             gc.enable()
 

@@ -1,30 +1,76 @@
-"""Structured configs: the schema every composed run is validated against.
+"""Structured configs: the one truth of every option, its type and its default.
 
 Each config group has a dataclass here or in its stage's package (merge, mri, zoo); the root
 ``DarwinConfig`` ties them together and is registered in Hydra's ConfigStore as ``darwin_schema``,
-which ``conf/config.yaml`` lists first in its defaults. A misspelt key anywhere is an error at
-composition time, before any model is touched.
+which ``conf/config.yaml`` lists first in its defaults. The option YAMLs in ``conf/`` hold only what
+differs from these defaults.
+
+Two checks, both before any model is touched:
+
+- at composition: a misspelt key (``merge.ratoi=0.3``) or a value outside a choice
+  (``merge.method=tis``: the choices are Enums) is an error naming it;
+- at the start of a run, ``load_config``: keys added with ``+`` that the schema does not know
+  (``+parents.fahter=/x``) are refused, and ``OmegaConf.to_object`` builds the typed config, whose
+  ``__post_init__`` checks ranges and relations (bounds, thresholds, budgets) with errors naming the
+  option. Everything after that works on the typed ``DarwinConfig``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
-from darwin_hydra.merge.config import MergeConfig
+from darwin_hydra.dtypes import Dtype
+from darwin_hydra.merge.config import MergeConfig, MergeMethod
 from darwin_hydra.mri.config import MriConfig, ProbesConfig
 from darwin_hydra.zoo.config import ZooConfig
+
+
+class ConfigError(ValueError):
+    """A config value or key the schema refuses; the message names the option."""
+
+
+class RouterSource(StrEnum):
+    """Where an MoE block's router comes from: a parent whole, or the ratio map (``merge``)."""
+
+    father = "father"
+    mother = "mother"
+    merge = "merge"
+
+
+class Proxy(StrEnum):
+    """Phase 1's cheap fitness: the KL to each probe set's teacher parent (docs/search.md)."""
+
+    teacher_kl = "teacher_kl"
+
+
+class ProxyTeacher(StrEnum):
+    """Who teaches each probe set: the MRI's assignment, or the parent with the lower NLL."""
+
+    mri = "mri"
+    nll = "nll"
+
+
+class LoggerMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
 class ParentsConfig:
     """The parent pair. Each of father/mother/base is a local directory, a Hub id or a ``zoo://`` URI."""
 
-    name: str = "zoo_dense"
-    father: str = "zoo://dense/father"
-    mother: str = "zoo://dense/mother"
+    name: str = "local"
+    # no default: every parents option names its pair (conf/parents/*.yaml), or the user does
+    father: str = MISSING
+    mother: str = MISSING
     base: Optional[str] = None
     # Hub ids resolve from huggingface_hub's cache; downloading must be asked for.
     allow_download: bool = False
@@ -33,10 +79,16 @@ class ParentsConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     # dtype the parents are loaded in for scans and search trials (the export keeps the parents' dtype).
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     # the probe set the mother is known to be better at (e.g. REASONING): the MRI assigns it to her
     # instead of inferring who owns which set, and the proxy follows her there; None = inferred
     mother_skill: Optional[str] = None
+
+    def __post_init__(self):
+        self.dtype = _choice("parents.dtype", Dtype, self.dtype)
+        for role in ("father", "mother"):
+            if not getattr(self, role):
+                raise ConfigError(f"parents.{role} is empty: give a local directory, a Hub id or a zoo:// URI")
 
 
 @dataclass
@@ -56,13 +108,24 @@ class GenomeConfig:
     layerwise: bool = False
     per_component: bool = False
     # the method the genome's merge_method_weight blends dare_ties with
-    blend_method: str = "linear"
+    blend_method: MergeMethod = MergeMethod.linear
     # MoE: where each block's router (gate) comes from, blocks splitting the layers equally:
     # e.g. [mother, mother, father] is Darwin-35B-A3B-Opus's B,B,A; "merge" follows the ratio map
-    router_source: Optional[list[str]] = None
+    router_source: Optional[list[RouterSource]] = None
     # MoE: experts dead in the mother's scan and alive in the father's take the father's weights
     # (and the father's router rows for them); dead = the MRI's moe_dead_rule
     revive_dead_experts: bool = False
+
+    def __post_init__(self):
+        self.blend_method = _choice("genome.blend_method", MergeMethod, self.blend_method)
+        if self.router_source is not None:
+            self.router_source = [_choice("genome.router_source", RouterSource, s) for s in self.router_source]
+        self.bounds = {str(k): [float(x) for x in v] for k, v in self.bounds.items()}
+        self.fixed = {str(k): float(v) for k, v in self.fixed.items()}
+        for gene, b in self.bounds.items():
+            if len(b) != 2 or b[0] > b[1]:
+                raise ConfigError(f"genome.bounds.{gene}={b}: give [low, high] with low <= high")
+        # the layer count is known only with the parents: GenomeSpace.from_config checks the rest
 
 
 @dataclass
@@ -73,12 +136,12 @@ class OptimizerConfig:
     seed: int = 0
     # phase 1: cheap in-memory proxy on probe prompts
     phase1_trials: int = 60
-    proxy: str = "teacher_kl"
+    proxy: Proxy = Proxy.teacher_kl
     proxy_prompts: int = 16
     # who teaches each probe set: "mri" (the scan's assignment, parents.mother_skill first) or "nll"
     # (the parent with the lower NLL on the prompts); the KL is taken on that many of the teacher's
     # greedy answer tokens (0: on the prompt tokens)
-    proxy_teacher: str = "mri"
+    proxy_teacher: ProxyTeacher = ProxyTeacher.mri
     proxy_answer_tokens: int = 8
     # phase 2: benchmark (lm-eval, dev split) on the best phase-1 genomes, then further CMA-ES steps
     phase2_top_k: int = 4
@@ -88,9 +151,24 @@ class OptimizerConfig:
     popsize: Optional[int] = None
     # where the study lives: null -> sqlite file in the run dir; or any Optuna storage URL
     storage: Optional[str] = None
+    # a trial RUNNING this long is taken as left by a dead worker and re-run; null: every running
+    # trial in the run's own file (one worker at a time), 3 h on a storage URL
+    stale_after_s: Optional[float] = None
     study_name: str = "darwin"
     # start CMA-ES from the MRI prescription (true) or from the centre of the bounds (false)
     mri_seeded: bool = True
+
+    def __post_init__(self):
+        self.proxy = _choice("optimizer.proxy", Proxy, self.proxy)
+        self.proxy_teacher = _choice("optimizer.proxy_teacher", ProxyTeacher, self.proxy_teacher)
+        for key in ("phase1_trials", "proxy_prompts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 1")
+        for key in ("phase2_top_k", "phase2_trials", "patience", "proxy_answer_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
+        if self.popsize is not None and self.popsize < 2:
+            raise ConfigError(f"optimizer.popsize={self.popsize}: null (CMA-ES's default) or >= 2")
 
 
 @dataclass
@@ -109,6 +187,13 @@ class BenchmarkConfig:
     # refuse to run when fitness and report tasks overlap, unless this is set (issue: honest evaluation)
     allow_fitness_on_report: bool = False
 
+    def __post_init__(self):
+        if not self.fitness_tasks or not self.report_tasks:
+            raise ConfigError("benchmark.fitness_tasks and benchmark.report_tasks each need at least one task")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1) or self.n_bootstrap < 100:
+            raise ConfigError(f"benchmark: batch_size >= 1, limit null or >= 1, n_bootstrap >= 100 (got "
+                              f"{self.batch_size}, {self.limit}, {self.n_bootstrap})")
+
 
 @dataclass
 class HealthConfig:
@@ -121,6 +206,11 @@ class HealthConfig:
     loss_min_parent: float = 0.02
     loss_fraction: float = 0.2
 
+    def __post_init__(self):
+        if self.interference_factor < 1 or min(self.interference_margin, self.loss_min_parent) < 0 \
+                or not 0 <= self.loss_fraction <= 1:
+            raise ConfigError("health: interference_factor >= 1, margins >= 0 and loss_fraction in [0, 1]")
+
 
 @dataclass
 class LoggerConfig:
@@ -130,9 +220,12 @@ class LoggerConfig:
     enabled: bool = True
     project: str = "darwin-hydra"
     entity: Optional[str] = None
-    mode: str = "offline"
+    mode: LoggerMode = LoggerMode.offline
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.mode = _choice("logger.mode", LoggerMode, self.mode)
 
 
 @dataclass
@@ -163,6 +256,12 @@ class ExportConfig:
     hub_repo_id: Optional[str] = None
     hub_private: bool = True
 
+    def __post_init__(self):
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError("export.push_to_hub=true needs export.hub_repo_id (e.g. me/my-child)")
+        if self.max_shard_bytes < 1:
+            raise ConfigError(f"export.max_shard_bytes={self.max_shard_bytes} must be >= 1")
+
 
 @dataclass
 class DarwinConfig:
@@ -184,7 +283,129 @@ class DarwinConfig:
     threads: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads}: 0 (torch's default) or a positive count")
+        dev = str(self.device)
+        if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ConfigError(f"device={dev!r}: use cpu, cuda or cuda:N")
+        if self.parents.mother_skill and self.parents.mother_skill not in self.probes.sets:
+            raise ConfigError(
+                f"parents.mother_skill={self.parents.mother_skill!r} is not a probe set of probes={self.probes.name} "
+                f"({sorted(self.probes.sets)}): choose probes with that set (e.g. probes=darwin_v6 for the Hub "
+                f"presets), one of those sets, or parents.mother_skill=null to infer it"
+            )
+
+
+def _choice(option: str, enum: type[StrEnum], value: Any) -> Any:
+    """``value`` as a member of ``enum``, or a ConfigError naming the option and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ConfigError(f"{option}={value!r} is not one of {[e.value for e in enum]}") from None
+
+
+# dict options whose keys are the user's (gene names, probe set names): new keys may be added from the
+# command line without '+'; their values are checked when the typed config is built
+_OPEN_DICTS = ("genome.bounds", "genome.fixed", "probes.sets")
+
+
+def schema():
+    """The root schema as an OmegaConf node, with the user-keyed dicts open for new keys."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(DarwinConfig)
+    for key in _OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
+
 
 def register_configs() -> None:
     """Register the root schema (``darwin_schema``) with Hydra's ConfigStore."""
-    ConfigStore.instance().store(name="darwin_schema", node=DarwinConfig)
+    ConfigStore.instance().store(name="darwin_schema", node=schema())
+
+
+def unknown_keys(cfg: Any, schema: type | None = None, where: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` (a DictConfig) that its dataclass schema does not define: what ``+key=...``
+    can add past Hydra's struct check, and what ``OmegaConf.to_object`` would silently drop."""
+    import typing
+
+    from omegaconf import DictConfig
+
+    schema = schema or DarwinConfig
+    hints = typing.get_type_hints(schema)
+    out = []
+    for key in cfg.keys():
+        if key not in hints:
+            out.append(f"{where}{key}")
+            continue
+        node = cfg._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node, DictConfig) and not node._is_none():
+            out += unknown_keys(node, hints[key], f"{where}{key}.")
+    return out
+
+
+def load_config(cfg: Any) -> "DarwinConfig":
+    """The typed run config of a composed ``DictConfig``: unknown keys refused (naming them and the
+    nearest known key), values checked by each dataclass's ``__post_init__``. Interpolations are
+    resolved here, once."""
+    import difflib
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cfg, DarwinConfig):
+        return cfg
+    if OmegaConf.get_type(cfg) is not DarwinConfig:  # a saved config.yaml: plain data, put it on the schema
+        try:
+            cfg = OmegaConf.merge(schema(), cfg)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}") from None
+    bad = unknown_keys(cfg)
+    if bad:
+        hints = []
+        for key in bad:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            near = difflib.get_close_matches(leaf, [k for k in node.keys() if k != leaf], n=1)
+            hints.append(f"{key}" + (f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""))
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}. `darwin-hydra --cfg job` lists the keys.")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:  # a missing mandatory value, an interpolation that fails
+        raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # a dataclass's __post_init__: the message names the option
+        raise ConfigError(str(e)) from None
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), output_dir: str = ".") -> DarwinConfig:
+    """The typed config ``darwin-hydra OVERRIDES`` would run with (for scripts, notebooks and tests):
+    composed from the installed ``conf/`` by Hydra's compose API, then ``load_config``."""
+    import copy
+
+    return load_config(copy.deepcopy(_composed(tuple(overrides), str(output_dir))))
+
+
+@functools.lru_cache(maxsize=64)
+def _composed(overrides: tuple[str, ...], output_dir: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or another initialize block
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    else:
+        with initialize_config_module(config_module="darwin_hydra_conf", version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    cfg.paths.output_dir = output_dir
+    return cfg
+
+
+def plain_config(cfg: "DarwinConfig") -> dict:
+    """The typed config as plain JSON-able data (Enums as their strings), for W&B, hashes and records."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -52,13 +52,19 @@ def health_check(
     child: Mapping[str, list[float]],
     father: Mapping[str, list[float]],
     mother: Mapping[str, list[float]],
-    *,
-    interference_factor: float = 2.0,
-    interference_margin: float = 0.02,
-    loss_min_parent: float = 0.02,
-    loss_fraction: float = 0.2,
+    thresholds: Any = None,
+    **overrides: float,
 ) -> HealthReport:
-    """Flag interference and function loss per (probe set, layer); see the module docstring."""
+    """Flag interference and function loss per (probe set, layer); see the module docstring.
+    ``thresholds``: a ``HealthConfig`` (default: its defaults); keyword arguments replace single fields
+    (``interference_factor=1.2``)."""
+    from dataclasses import replace
+
+    from darwin_hydra.config import HealthConfig
+
+    t = replace(thresholds or HealthConfig(), **overrides)
+    interference_factor, interference_margin = t.interference_factor, t.interference_margin
+    loss_min_parent, loss_fraction = t.loss_min_parent, t.loss_fraction
     flags: list[HealthFlag] = []
     for p, c_layers in child.items():
         if p not in father or p not in mother:
@@ -79,16 +85,4 @@ def health_check(
         layers,
         dict(interference_factor=interference_factor, interference_margin=interference_margin,
              loss_min_parent=loss_min_parent, loss_fraction=loss_fraction),
-    )
-
-
-def health_from_config(child, father, mother, cfg: Any) -> HealthReport:
-    return health_check(
-        child,
-        father,
-        mother,
-        interference_factor=float(cfg.interference_factor),
-        interference_margin=float(cfg.interference_margin),
-        loss_min_parent=float(cfg.loss_min_parent),
-        loss_fraction=float(cfg.loss_fraction),
     )

@@ -1,15 +1,22 @@
-"""Rebuild a run's child from its saved config and genome, and verify it bit for bit.
+"""Rebuild a run's child from what the child carries, and verify it bit for bit.
 
 ``darwin-hydra-reproduce RUN_DIR [--keep]``:
 
-1. loads ``RUN_DIR/.hydra/config.yaml`` (validated against the schema) and ``RUN_DIR/genome.json``;
-2. recomputes the genome_hash from the genes, the parents' fingerprints, the saved MRI prescription
-   (``RUN_DIR/scan/scan.json``) and the settings, and refuses if it differs;
-3. re-merges the child into a temporary directory and compares every tensor's sha256 with the
-   ``checksums.json`` recorded at export;
-4. checks every tensor of the exported ``child/`` against the same checksums (finds a damaged file).
+1. reads the child's own record: ``darwin_hydra.json`` (kind, genome_hash, hash version, the config
+   and the parents' fingerprints at export), ``recipe.json`` (every tensor's recipe) and
+   ``checksums.json`` (every tensor's sha256);
+2. checks the parents are the ones it was bred from (fingerprints);
+3. re-merges the child from its recipe and genome_hash into a temporary directory and compares every
+   tensor with ``checksums.json``; then checks every tensor of the exported ``child/`` (a damaged file);
+4. separately, compares the run's ``.hydra/config.yaml`` and prescription with what the child was made
+   from, and says so when they changed since the export ("config changed", not "tensors differ").
 
-Exit status 0 when everything matches; 1 with the names of the tensors that differ.
+A child exported before the record existed is rebuilt from the run's saved config and ``genome.json``
+(the plain-merge hash of that time, version 1).
+
+Exit status: 0 when every tensor matches (config changes are reported as warnings); 1 with the
+names of the tensors that differ; 2 when the run cannot be reproduced here (missing files, other
+parents).
 """
 
 from __future__ import annotations
@@ -26,18 +33,22 @@ from omegaconf import OmegaConf
 log = logging.getLogger("darwin_hydra.reproduce")
 
 
+class CannotReproduceError(ValueError):
+    """The run lacks what a reproduction needs, or its parents are not the ones the child came from."""
+
+
 def load_run_config(run_dir: Path):
-    """The run's composed config, validated against the schema, with paths.output_dir = run_dir."""
-    from darwin_hydra.config import DarwinConfig
+    """The run's saved config (``.hydra/config.yaml``), typed, with paths.output_dir = run_dir."""
+    from darwin_hydra.config import load_config
 
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a darwin-hydra run directory?")
     saved = OmegaConf.load(path)
-    saved.paths.output_dir = str(run_dir)
+    OmegaConf.update(saved, "paths.output_dir", str(run_dir), merge=False, force_add=True)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(DarwinConfig), saved)
-    except Exception as e:  # omegaconf's validation errors name the key
+        cfg = load_config(saved)
+    except ValueError as e:
         raise ValueError(f"{path} does not fit this darwin-hydra version's config schema: {e}") from e
     cfg.logger.enabled = False
     return cfg
@@ -49,22 +60,46 @@ def verify_dir(child_dir: Path, checksums: dict[str, str]) -> list[str]:
 
     bad = []
     reader = CheckpointReader(child_dir)
-    names = set(reader.names)
-    for name in sorted(set(checksums) | names):
-        if name not in names:
-            bad.append(f"{name}: missing")
-        elif name not in checksums:
-            bad.append(f"{name}: not in checksums.json")
-        elif tensor_sha256(reader.get(name)) != checksums[name]:
-            bad.append(f"{name}: sha256 differs")
+    try:
+        names = set(reader.names)
+        for name in sorted(set(checksums) | names):
+            if name not in names:
+                bad.append(f"{name}: missing")
+            elif name not in checksums:
+                bad.append(f"{name}: not in checksums.json")
+            elif tensor_sha256(reader.get(name)) != checksums[name]:
+                bad.append(f"{name}: sha256 differs")
+    finally:
+        reader.close()
     return bad
 
 
-def reproduce(run_dir: Path, keep: bool = False) -> list[str]:
-    """Rebuild and verify; returns the list of problems (empty = bit-identical)."""
+def _config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain configs (how a run is carried out, never
+    what it computes, is left out)."""
+    from darwin_hydra.run import RESUME_FREE
+
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        dotted = f"{prefix}{key}"
+        if dotted in RESUME_FREE or dotted.startswith("paths.") or dotted in ("logger.enabled", "merge.device"):
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} at export, {b!r} now")
+    return out
+
+
+def reproduce(run_dir: Path, keep: bool = False) -> tuple[list[str], list[str]]:
+    """Rebuild and verify; returns (tensor problems, config changes); both empty = bit-identical
+    from an unchanged config."""
+    from darwin_hydra.config import plain_config
     from darwin_hydra.merge.engine import merge_to_disk
+    from darwin_hydra.merge.recipe import RatioMap
     from darwin_hydra.pipeline import RunContext
-    from darwin_hydra.stages.merge import child_recipe
+    from darwin_hydra.stages.merge import CHILD_RECORD, child_recipe
 
     cfg = load_run_config(run_dir)
     ctx = RunContext(cfg, run_dir)
@@ -74,25 +109,45 @@ def reproduce(run_dir: Path, keep: bool = False) -> list[str]:
         raise FileNotFoundError(f"{sums_path} not found: the run has no exported child to verify")
     recorded = json.loads(sums_path.read_text())
     recorded = recorded.get("tensors", recorded)
-    ctx.check_parents()
-    recipe = child_recipe(ctx)  # raises when genome.json's hash does not match
-    problems = []
-    if recipe.genome is None:
-        log.info("no genome.json: rebuilding the plain merge of the saved merge config")
+    readers = ctx.checked_readers
+    changes: list[str] = []
+    record_path = child_dir / CHILD_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        now = {role: r.fingerprint() for role, r in readers.items()}
+        if now != record["parents"]:
+            raise CannotReproduceError(
+                f"the parents are not the ones {child_dir} was bred from: fingerprints {record['parents']} at export, "
+                f"{now} now ({[cfg.parents.father, cfg.parents.mother, cfg.parents.base]})"
+            )
+        genome_hash = record["genome_hash"]
+        ratio_map = RatioMap.from_json((child_dir / "recipe.json").read_text())
+        changes = _config_changes(record["config"], plain_config(cfg))
+        try:
+            current = child_recipe(ctx, record.get("hash_version", 1)).genome_hash
+            if current != genome_hash:
+                changes.append(f"the run's config and prescription now give genome_hash {current}, the child is "
+                               f"{genome_hash}")
+        except ValueError as e:  # a genome.json that no longer fits the run's config
+            changes.append(str(e))
+    else:
+        log.info("%s has no %s (exported before it existed): rebuilding from the run's saved config", child_dir,
+                 CHILD_RECORD)
+        recipe = child_recipe(ctx, hash_version=1)  # raises when genome.json's hash does not match
+        genome_hash, ratio_map = recipe.genome_hash, recipe.ratio_map
     rebuilt = run_dir / ".reproduce"
     if rebuilt.exists():
         shutil.rmtree(rebuilt)
-    readers = ctx.readers()
-    merge_to_disk(readers["father"], readers["mother"], readers.get("base"), recipe.ratio_map, recipe.genome_hash,
-                  rebuilt, workers=int(cfg.merge.workers), device="cpu",
-                  max_shard_bytes=int(cfg.export.max_shard_bytes))
+    problems = []
+    merge_to_disk(readers["father"], readers["mother"], readers.get("base"), ratio_map, genome_hash, rebuilt,
+                  workers=cfg.merge.workers, dtype=cfg.merge.dtype, max_shard_bytes=cfg.export.max_shard_bytes)
     try:
         problems += [f"rebuilt {p}" for p in verify_dir(rebuilt, recorded)]
     finally:
         if not keep:
             shutil.rmtree(rebuilt, ignore_errors=True)
     problems += [f"exported {p}" for p in verify_dir(child_dir, recorded)]
-    return problems
+    return problems, changes
 
 
 def main(argv: list[str]) -> int:
@@ -102,10 +157,15 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     try:
-        problems = reproduce(args.run_dir.resolve(), keep=args.keep)
+        problems, changes = reproduce(args.run_dir.resolve(), keep=args.keep)
     except (FileNotFoundError, ValueError) as e:
         print(f"darwin-hydra-reproduce: {e}", file=sys.stderr)
         return 2
+    if changes:
+        print(f"darwin-hydra-reproduce: config changed since the export ({len(changes)}); the child was rebuilt from "
+              "its own record, and the run's config now differs in:", file=sys.stderr)
+        for c in changes:
+            print(f"  {c}", file=sys.stderr)
     if problems:
         print(f"darwin-hydra-reproduce: {len(problems)} tensor(s) differ:", file=sys.stderr)
         for p in problems:

@@ -2,7 +2,8 @@
 
 Disabled (``logger=none``) every call is a no-op, so stages log unconditionally. Multirun sweeps
 share a W&B group named after the sweep directory, so ``-m`` runs sit together on the dashboard.
-Credentials come from the environment (``WANDB_API_KEY``) only, never from config.
+A resumed run (``tracking.json`` in the run directory) continues its W&B run instead of opening a new
+one. Credentials come from the environment (``WANDB_API_KEY``) only, never from config.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +34,45 @@ def _sweep_group() -> str | None:
 class Tracker:
     """Thin wrapper over a wandb run."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, job_type: str = "run"):
+        from darwin_hydra.config import plain_config
+
         self.run = None
         lcfg = cfg.logger
-        if not lcfg.enabled or str(lcfg.mode) == "disabled":
+        if not lcfg.enabled or lcfg.mode == "disabled":
             return
         import wandb
 
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         os.environ.setdefault("WANDB_SILENT", "true")
-        group = lcfg.group or _sweep_group()
+        saved = run_dir / "tracking.json"
+        previous = json.loads(saved.read_text()) if saved.exists() else {}
+        resume_id = previous.get("run_id") if previous.get("job_type", "run") == job_type else None
+        group = lcfg.group or previous.get("group") or _sweep_group()
         self.run = wandb.init(
-            project=str(lcfg.project),
+            project=lcfg.project,
             entity=lcfg.entity,
             group=group,
+            job_type=job_type,
             mode=str(lcfg.mode),
             dir=str(run_dir),
             name=f"{cfg.parents.name}-{run_dir.parent.name}-{run_dir.name}",
             tags=list(lcfg.tags),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=plain_config(cfg),
+            id=resume_id,
+            resume="allow" if resume_id else None,
             reinit="finish_previous",
         )
-        log.info("W&B run %s (%s mode, group %s) in %s", self.run.id, lcfg.mode, group, run_dir)
-        # where to find this run on the dashboard, for people and for tests
-        (run_dir / "tracking.json").write_text(json.dumps(
-            {"project": str(lcfg.project), "entity": lcfg.entity, "group": group, "run_id": self.run.id,
-             "run_name": self.run.name, "mode": str(lcfg.mode)}, indent=2))
+        log.info("W&B run %s (%s mode, group %s%s) in %s", self.run.id, lcfg.mode, group,
+                 ", resumed" if resume_id else "", run_dir)
+        if job_type == "run":  # where to find this run on the dashboard, for people and for tests
+            from darwin_hydra.io.atomic import write_text_atomic
+
+            write_text_atomic(saved, json.dumps(
+                {"project": lcfg.project, "entity": lcfg.entity, "group": group, "run_id": self.run.id,
+                 "run_name": self.run.name, "mode": str(lcfg.mode), "job_type": job_type}, indent=2))
+
+    started = True  # a real tracker (even a disabled one); NullTracker says False
 
     @property
     def enabled(self) -> bool:
@@ -100,3 +112,12 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class NullTracker(Tracker):
+    """A tracker that logs nothing (before the run's tracker starts, in library use)."""
+
+    started = False
+
+    def __init__(self):
+        self.run = None

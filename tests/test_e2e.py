@@ -28,7 +28,7 @@ QUICK = [
 
 def _cmd(name):
     exe = Path(sys.executable).with_name(name)
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from darwin_hydra.cli import main; main()"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.cli import main; main()"]
 
 
 def run_app(run_dir, *overrides, check=True, quick=True):

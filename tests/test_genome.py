@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from omegaconf import OmegaConf
+from darwin_hydra.config import compose
 
 from darwin_hydra.search.genome import (
     GenomeSpace,
@@ -28,9 +28,7 @@ NAMES = [
 
 
 def v6_space(num_layers=6, **over):
-    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v)
+    cfg = compose(["genome=darwin_v6"] + [f"genome.{k}={v}" for k, v in over.items()]).genome
     return GenomeSpace.from_config(cfg, num_layers)
 
 
@@ -63,7 +61,7 @@ def test_mri_trust_blends_prescription():
 
 
 def test_layerwise_space_has_a_gene_per_layer():
-    cfg = OmegaConf.load("conf/genome/layerwise.yaml")
+    cfg = compose(["genome=layerwise"]).genome
     space = GenomeSpace.from_config(cfg, 4)
     assert [g for g in space.genes if g.startswith("layer_")] == ["layer_0", "layer_1", "layer_2", "layer_3"]
     genes = space.full({g: 0.5 for g in space.genes} | {"layer_2": 0.9})
@@ -74,9 +72,9 @@ def test_layerwise_space_has_a_gene_per_layer():
 
 
 def test_bad_bounds_and_unknown_genes_are_errors():
-    with pytest.raises(ValueError, match="mri_trust"):
+    with pytest.raises(ValueError, match=r"genome.bounds.mri_trust=\[0.8, 0.2\]"):
         v6_space(**{"bounds.mri_trust": [0.8, 0.2]})
-    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg = compose([]).genome
     cfg.genes.append("warp_ratio")
     cfg.bounds["warp_ratio"] = [0, 1]
     with pytest.raises(ValueError, match="warp_ratio"):

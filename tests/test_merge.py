@@ -455,19 +455,11 @@ def test_ratio_map_json_round_trip_plain_map_and_summary():
         plain_ratio_map(names, MergeConfig(component_ratios={"warp": 0.3}), 4)
 
 
-def test_merge_yamls_match_the_dataclass_fields_exactly():
-    import dataclasses
+@pytest.mark.parametrize("method", METHODS)
+def test_every_merge_method_has_an_option_that_selects_it(method):
+    from darwin_hydra.config import compose
 
-    import yaml
-
-    fields = {f.name for f in dataclasses.fields(MergeConfig)}
-    conf = Path(__file__).resolve().parents[1] / "conf" / "merge"
-    for f in sorted(conf.glob("*.yaml")):
-        data = yaml.safe_load(f.read_text())
-        assert set(data) == fields, (f.name, set(data) ^ fields)
-        assert data["method"] in METHODS
-        MergeConfig(**data)
-    assert {f.stem for f in conf.glob("*.yaml")} == set(METHODS)
+    assert compose([f"merge={method}"]).merge.method == method
 
 
 # ---- engine: export and in memory ----------------------------------------------------------------
@@ -840,20 +832,18 @@ def test_a_worker_error_names_its_tensor_even_one_that_does_not_unpickle(parents
         assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp*"))
 
 
-def test_the_plain_merge_hash_ignores_how_the_export_runs(parents):
-    from omegaconf import OmegaConf
-
-    from darwin_hydra.search.genome import digest
+def test_the_plain_merge_hash_ignores_how_the_export_runs():
     from darwin_hydra.stages.merge import plain_hash
 
     fps = {"father": "f", "mother": "m"}
-    cfgs = [OmegaConf.structured(MergeConfig(method="dare_ties", processes=p)) for p in (None, False, True)]
-    hashes = {plain_hash(c, fps) for c in cfgs}
-    assert len(hashes) == 1
-    # the hash runs made before merge.processes existed got (their config had no such key)
-    old = OmegaConf.to_container(cfgs[0], resolve=True)
-    del old["processes"]
-    assert hashes == {digest({"merge": old, "parents": fps})}
+    perf = [dict(processes=p, workers=w, device=d) for p in (None, False, True) for w in (0, 1, 2) for d in ("cpu", "auto")]
+    assert len({plain_hash(MergeConfig(method="dare_ties", **kw), fps) for kw in perf}) == 1
+    assert plain_hash(MergeConfig(method="dare_ties", ratio=0.4), fps) != plain_hash(MergeConfig(method="dare_ties"), fps)
+    # version 1, the hash of plain children exported before version 2 (computed by 783b9f0's code): it kept
+    # workers and device, and darwin-hydra-reproduce still rebuilds those children with it
+    assert plain_hash(MergeConfig(method="dare_ties"), fps, version=1) == "9d9a7c3ecdf44ecd"
+    assert plain_hash(MergeConfig(method="ties", ratio=0.3, workers=2), fps, version=1) == "4931bba4194abdc7"
+    assert plain_hash(MergeConfig(method="ties", ratio=0.3, workers=1), fps, version=1) != "4931bba4194abdc7"
 
 
 def _alive(pid: int) -> bool:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from darwin_hydra.config import compose
 
 from darwin_hydra.io.checkpoint import CheckpointReader
 from darwin_hydra.merge.engine import InMemoryMerger, merge_to_disk
@@ -30,7 +30,7 @@ def genes(space):
 
 
 def space():
-    return GenomeSpace.from_config(OmegaConf.load("conf/genome/darwin_v6.yaml"), L)
+    return GenomeSpace.from_config(compose([]).genome, L)
 
 
 def test_router_source_per_block_puts_exactly_those_routers_in_the_child(parents, tmp_path):
@@ -79,7 +79,7 @@ def _assert_revived_rows(child, father, layer, experts, gain=1.0):
 
 def test_reviving_genome_evolves_the_router_row_gain(parents, tmp_path):
     base, father, mother = parents
-    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg = compose([]).genome
     cfg.revive_dead_experts = True
     sp = GenomeSpace.from_config(cfg, L)
     assert sp.genes[-1] == "revive_gain" and sp.bounds["revive_gain"] == (0.0, 1.0)
@@ -100,7 +100,7 @@ def test_revive_gain_pinned_at_zero_keeps_the_hashes_from_before_the_gene():
     # genome hash (so the same DARE masks), gain 1
     from darwin_hydra.search.recipe import hash_genome, space_for_genome
 
-    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg = compose([]).genome
     cfg.revive_dead_experts = True
     evolved = GenomeSpace.from_config(cfg, 8)
     old_genes = {g: 0.5 for g in evolved.genes if g != "revive_gain"}
@@ -134,7 +134,7 @@ def test_per_expert_and_fused_layouts_give_the_same_child(parents, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, father, mother = parents
-    cfg = OmegaConf.load("conf/genome/darwin_v6.yaml")
+    cfg = compose([]).genome
     cfg.revive_dead_experts = True
     sp = GenomeSpace.from_config(cfg, L)  # with the revive_gain gene (at 0.5: the rows x2)
     rmap = genome_ratio_map(sp, genes(sp), father.names, None, L, 0.15, 0.85, router_source=["mother", "merge", "father"],

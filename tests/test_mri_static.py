@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from darwin_hydra.mri.config import MriConfig, mri_config, probes_config
+from darwin_hydra.mri.config import MriConfig
 from darwin_hydra.mri.prescribe import prescribe, share, transplant_decision
 from darwin_hydra.mri.probes import ProbeScan
 from darwin_hydra.mri.static import StaticScan, TensorStats, pair_stats, static_score, tensor_stats
@@ -154,37 +154,34 @@ def test_transplant_thresholds_and_share():
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="mri.sharpen"):
-        mri_config({"sharpen": "sharp"})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['alpah'\]"):
-        mri_config({"alpah": 0.3})
-    with pytest.raises(ValueError, match="probes.sets.MATH: unknown key"):
-        probes_config({"name": "x", "sets": {"MATH": {"source": "a.jsonl", "feild": "text"}}})
+    from darwin_hydra.config import ConfigError, compose
+    from darwin_hydra.mri.config import ProbesConfig
+
+    with pytest.raises(ValueError, match="mri.sharpen='sharp' is not one of"):
+        MriConfig(sharpen="sharp")
+    with pytest.raises(ConfigError, match="mri.alpah"):
+        compose(["+mri.alpah=0.3"])
+    with pytest.raises(ValueError, match=r"probes.sets.MATH: unknown key\(s\) \['feild'\]"):
+        ProbesConfig(name="x", sets={"MATH": {"source": "a.jsonl", "feild": "text"}})
     with pytest.raises(ValueError, match="mri.mother_sets"):
         fa = _scan({"MATH": [0.1]})
         prescribe(fa, fa, _static(NAMES[:1], TensorStats(1, 1, 1, 1, 0, 0), TensorStats(1, 1, 1, 1, 0, 0)),
                   MriConfig(mother_sets=["CODE"]), NAMES[:1])
 
 
-def test_presets_match_the_dataclass_exactly():
-    from dataclasses import fields
-    from pathlib import Path
+def test_mri_presets_carry_darwins_weights_and_thresholds():
+    """Each preset composes to Darwin's published weights and thresholds (golden values from the V5/V6
+    cards); the literal presets switch off every step beyond Darwin's formula."""
+    from darwin_hydra.config import compose
 
-    from omegaconf import OmegaConf
-
-    from darwin_hydra.mri.config import MriConfig
-
-    conf = Path(__file__).resolve().parents[1] / "conf" / "mri"
-    keys = {f.name for f in fields(MriConfig)}
     for name, w, alpha, t in (("darwin_v5", (0.5, 0.3, 0.002), 0.5, (0.05, 0.95)),
                               ("darwin_v6", (0.3, 0.2, 0.002), 0.4, (0.15, 0.85))):
         for preset in (name, f"{name}_literal"):
-            y = OmegaConf.load(conf / f"{preset}.yaml")
-            assert set(y.keys()) == keys, preset
-            assert y.name == preset
-            assert (y.w_entropy, y.w_std, y.w_norm, y.norm_cap) == (*w, 100.0)
-            assert (y.alpha, y.t_lo, y.t_hi) == (alpha, *t)
-            y.device, y.dtype = "cpu", "float32"
-            mri_config(y)
-        literal = OmegaConf.load(conf / f"{name}_literal.yaml")
-        assert (literal.blend, literal.probe_terms, literal.sharpen, literal.delta_probe) == ("raw", "all", "none", False)
+            m = compose([f"mri={preset}", "parents.dtype=bfloat16", "device=cuda"]).mri
+            assert m.name == preset
+            assert (m.w_entropy, m.w_std, m.w_norm, m.norm_cap) == (*w, 100.0)
+            assert (m.alpha, m.t_lo, m.t_hi) == (alpha, *t)
+            assert (m.dtype, m.device) == ("bfloat16", "cuda")  # the run's dtype and device
+            literal = preset.endswith("_literal")
+            assert (m.blend, m.probe_terms, m.sharpen, m.delta_probe) == (
+                ("raw", "all", "none", False) if literal else ("share", "delta", "none", True))

@@ -3,9 +3,9 @@ tiny zoo, and (slow, the default zoo) the mother's strongest layers vs the layer
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from darwin_hydra.mri.config import MriConfig, probes_config
+from darwin_hydra.config import compose
+from darwin_hydra.mri.config import MriConfig
 from darwin_hydra.mri.moe import moe_scan
 from darwin_hydra.mri.probes import load_probe_prompts
 from darwin_hydra.mri.scan import load_model, load_tokenizer, run_scan
@@ -19,7 +19,6 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 
 
 def _zoo(name: str, cache):
@@ -40,7 +39,7 @@ def _check_dead_experts(root, meta, resolve, probes_yaml):
     """The zoo counts routing itself (output_router_logits, top-k per prompt token) on each skill's probe
     split; the MRI, from hooks on the routers, must report the same dead experts on the same prompts."""
     pair = meta["pairs"]["moe"]
-    probes = probes_config(OmegaConf.load(CONF / "probes" / probes_yaml))
+    probes = compose([f"probes={probes_yaml.removesuffix('.yaml')}"]).probes
     for cat, s in probes.sets.items():
         s.n = meta["probes"][cat]["n"]  # every probe prompt, as the zoo used
     prompts = load_probe_prompts(probes, resolve)
@@ -75,7 +74,7 @@ def test_moe_dead_experts_equal_the_zoo_routing_counts_on_the_default_zoo():
 @pytest.mark.parametrize("pair", ["dense", "moe"])
 def test_run_scan_on_the_tiny_zoo(tiny_zoo, tmp_path, pair):
     root, meta, resolve = tiny_zoo
-    probes = probes_config(OmegaConf.load(CONF / "probes" / "zoo_tiny.yaml"))
+    probes = compose(["probes=zoo_tiny"]).probes
     res = run_scan(f"zoo://{pair}/father", f"zoo://{pair}/mother", probes, MriConfig(progress=False), resolve,
                    tmp_path / "cache", tmp_path / "scan")
     L = meta["pairs"][pair]["num_layers"]
@@ -101,7 +100,7 @@ def test_mother_strongest_layers_are_where_her_training_changed_her(tmp_path):
 
     root, meta, resolve = _zoo("default", default_cache_dir())
     gt = meta["pairs"]["dense"]["ground_truth"]
-    probes = probes_config(OmegaConf.load(CONF / "probes" / "zoo.yaml"))
+    probes = compose(["probes=zoo"]).probes
     found = {}
     for reference, base in (("base", "zoo://dense/base"), ("father", None)):
         res = run_scan("zoo://dense/father", "zoo://dense/mother", probes, MriConfig(progress=False), resolve,

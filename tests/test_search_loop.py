@@ -6,7 +6,7 @@ import textwrap
 
 import optuna
 import pytest
-from omegaconf import OmegaConf
+from darwin_hydra.config import compose
 
 from darwin_hydra.search.genome import GenomeSpace
 from darwin_hydra.search.loop import search
@@ -15,7 +15,7 @@ TARGET = {"global_ratio": 0.7, "attn_ratio": 0.3, "ffn_ratio": 0.6, "embed_ratio
 
 
 def space():
-    return GenomeSpace.from_config(OmegaConf.load("conf/genome/darwin_v5.yaml"), 4)
+    return GenomeSpace.from_config(compose(["genome=darwin_v5"]).genome, 4)
 
 
 def sphere(genes):
@@ -52,7 +52,7 @@ def test_early_stop_with_patience(tmp_path):
 
 def test_resuming_a_study_of_another_genome_space_names_the_missing_gene(tmp_path):
     run(tmp_path, phase1_trials=3, phase2_trials=0)
-    cfg = OmegaConf.load("conf/genome/darwin_v5.yaml")
+    cfg = compose(["genome=darwin_v5"]).genome
     cfg.revive_dead_experts = True  # the same space plus revive_gain
     sp = GenomeSpace.from_config(cfg, 4)
     with pytest.raises(ValueError, match=r"no value for gene\(s\) \['revive_gain'\]"):
@@ -64,10 +64,10 @@ def test_resume_after_sigkill_keeps_finished_trials_and_reruns_the_killed_one(tm
     db = tmp_path / "study.db"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from omegaconf import OmegaConf
+        from darwin_hydra.config import compose
         from darwin_hydra.search.genome import GenomeSpace
         from darwin_hydra.search.loop import search
-        sp = GenomeSpace.from_config(OmegaConf.load("conf/genome/darwin_v5.yaml"), 4)
+        sp = GenomeSpace.from_config(compose(["genome=darwin_v5"]).genome, 4)
         calls = 0
         def fit(g):
             global calls

@@ -141,6 +141,26 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lv)
 
 
+def check_tasks(tasks: list[str], include_path: str | Path, what: str = "benchmark tasks") -> list[str]:
+    """Problems with lm-eval ``tasks`` under ``include_path`` (unknown names, a task that reports no
+    per-item ``acc``), found by loading the task definitions and their data (no model): the preflight's
+    check, so that a bad task fails before the scan rather than after phase 1."""
+    include = Path(include_path).expanduser().resolve()
+    if not include.is_dir():
+        return [f"{what}: lm-eval include_path {include} is not a directory"]
+    try:
+        task_dict = _load_tasks(str(include), tuple(tasks))
+    except Exception as e:  # lm-eval raises many kinds while loading YAMLs and data
+        return [f"{what} {list(tasks)}: {type(e).__name__}: {e}"]
+    problems = []
+    for name, task in task_dict["tasks"].items():
+        metrics = [m.get("metric") for m in (getattr(task.config, "metric_list", None) or [])]
+        if METRIC not in metrics:
+            problems.append(f"{what}: lm-eval task {name!r} (output_type {task.OUTPUT_TYPE}) reports {metrics}, "
+                            f"not a per-item {METRIC!r}; use an output_type loglikelihood/multiple_choice task")
+    return problems
+
+
 def evaluate_model(
     model,
     tokenizer,

@@ -92,6 +92,37 @@ SUPPORT_FILES = (
     "video_preprocessor_config.json",
 )
 
+def remote_code_files(model_dir: Path) -> set[str]:
+    """The Python modules a checkpoint's ``auto_map`` points at (``configuration_x.XConfig`` ->
+    ``configuration_x.py``, in config.json and tokenizer_config.json), which a child must carry so
+    that its config keeps loading with ``trust_remote_code``. Entries naming code in another repo
+    (``other/repo--module.Class``) need no file. A module the map names and the directory lacks is an
+    error naming it: a child whose config points at missing code would not load."""
+    names: set[str] = set()
+    for cfg_name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / cfg_name
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") or {}
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        refs = []
+        for v in auto_map.values():
+            refs += v if isinstance(v, list) else [v]
+        for ref in refs:
+            if not isinstance(ref, str) or "--" in ref or "." not in ref:
+                continue
+            names.add(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    missing = sorted(n for n in names if not (Path(model_dir) / n).is_file())
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir}: its auto_map names code the directory lacks: {missing}; the child's config would point "
+            "at code that is not there (copy those files next to config.json, or remove auto_map)"
+        )
+    return names
+
+
 # Fingerprint (see CheckpointReader.fingerprint): models up to this many bytes are hashed in full,
 # larger ones through a strided sample of each tensor.
 FINGERPRINT_FULL_BYTES = 64 * 2**20
@@ -1131,10 +1162,11 @@ class CheckpointWriter:
             return
         import fnmatch
 
+        code = remote_code_files(self.source_dir)
         for src in sorted(self.source_dir.iterdir()):
             if not src.is_file() or src.name == "config.json" or src.name in self._written_files:
                 continue
-            if any(fnmatch.fnmatch(src.name, pat) for pat in SUPPORT_FILES):
+            if src.name in code or any(fnmatch.fnmatch(src.name, pat) for pat in SUPPORT_FILES):
                 shutil.copyfile(src, self.tmp_dir / src.name)
 
     def _move_into_place(self) -> None:

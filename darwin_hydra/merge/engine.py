@@ -34,7 +34,7 @@ from typing import Mapping
 import torch
 
 from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor, streams
-from darwin_hydra.merge.recipe import RatioMap, TensorRecipe, tensor_seed
+from darwin_hydra.merge.recipe import TensorRecipe, tensor_seed
 
 __all__ = ["InMemoryMerger", "NonFiniteTensorError", "merge_named", "merge_to_disk", "resolve_device"]
 

@@ -50,9 +50,11 @@ class TensorRecipe:
     rows_gain: float = 1.0
 
     def __post_init__(self):
-        for m in (self.method, self.blend_method):
+        for key in ("method", "blend_method"):
+            m = getattr(self, key)
             if m not in METHODS:
                 raise ValueError(f"merge method {m!r} is not one of {METHODS}")
+            object.__setattr__(self, key, str(m))  # a MergeMethod from config: its plain name
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"merge ratio {self.ratio} must lie in [0, 1]")
         for d in (self.density_a, self.density_b):

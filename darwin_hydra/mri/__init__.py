@@ -10,6 +10,6 @@
 Formulas and design choices: docs/mri.md.
 """
 
-from darwin_hydra.mri.config import MriConfig, ProbeSetConfig, ProbesConfig, mri_config, probes_config
+from darwin_hydra.mri.config import MriConfig, ProbeSetConfig, ProbesConfig
 
-__all__ = ["MriConfig", "ProbeSetConfig", "ProbesConfig", "mri_config", "probes_config"]
+__all__ = ["MriConfig", "ProbeSetConfig", "ProbesConfig"]

@@ -183,7 +183,6 @@ def prescribe(
     """r_mri and the transplant decision for every tensor in ``names`` (default: every tensor both
     parents have). ``weights`` are the probe sets' w_p (default 1); ``mother_sets`` fixes the sets the
     mother is better at (default: inferred, see ``mother_probe_sets``). Formulas in the module doc."""
-    cfg.validate()
     names = list(names) if names is not None else [n for n in static.father if n in static.mother]
     L = scan_father.num_layers
     mode = cfg.probe_terms

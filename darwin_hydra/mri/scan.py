@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 
 from darwin_hydra.arch import is_moe, tensor_info
-from darwin_hydra.mri.config import MriConfig, ProbesConfig, mri_config, probes_config
+from darwin_hydra.io.atomic import write_text_atomic
+from darwin_hydra.mri.config import MriConfig, ProbesConfig
 from darwin_hydra.mri.moe import MoeScan, moe_scan
 from darwin_hydra.mri.prescribe import FATHER, MERGE, MOTHER, Prescription, prescribe
 from darwin_hydra.mri.probes import ProbeScan, layer_importance, load_probe_prompts
@@ -248,8 +248,8 @@ class MriResult:
             f"  layer evaluations per parent: {pf.layer_evals} (naive skip-one-layer: {pf.naive_layer_evals})"
             + (f" + {pf.delta_layer_evals} for the delta probe (reference: {self.reference})" if delta else "")
             + f"; probe scan {pf.seconds:.1f} s + {pm.seconds:.1f} s",
-            f"  imp = sum over sets of I_p(l); B adv = mean over the mother's sets of I_B - I_A; "
-            f"BI = ShortGPT block influence"
+            "  imp = sum over sets of I_p(l); B adv = mean over the mother's sets of I_B - I_A; "
+            "BI = ShortGPT block influence"
             + ("; D A / D B = delta probe of the father on his sets / the mother on hers" if delta else "")
             + f"; {self.settings.get('name', '')}: blend={self.settings.get('blend')}, "
             f"probe_terms={pr.settings.get('probe_terms_used', self.settings.get('probe_terms'))}, "
@@ -390,18 +390,56 @@ def _probe_both(father: Path, mother: Path, base: Path | None, tokenizer, prompt
             _scan_parent(b, a, tokenizer, prompts, probes, cfg, "mother")]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+@dataclass
+class _ScanInputs:
+    """What decides a scan: the parents' directories and fingerprints, the prompts, and the cache key."""
+
+    father: Path
+    mother: Path
+    base: Path | None
+    prompts: dict[str, list[str]]
+    fingerprints: dict[str, str]
+    key: str
+
+    @classmethod
+    def of(cls, father_path, mother_path, probes: ProbesConfig, cfg: MriConfig, resolve=None, base_path=None):
+        father = Path(resolve(str(father_path)) if resolve else father_path)
+        mother = Path(resolve(str(mother_path)) if resolve else mother_path)
+        base = None
+        if base_path is not None:
+            base = Path(resolve(str(base_path)) if resolve else base_path)
+        for role, p in (("father", father), ("mother", mother), ("base", base)):
+            if p is not None and not p.is_dir():
+                raise FileNotFoundError(f"MRI: the {role} checkpoint {p} is not a directory")
+        prompts = load_probe_prompts(probes, resolve)
+        fps = {"father": open_reader(father).fingerprint(), "mother": open_reader(mother).fingerprint()}
+        if base is not None and cfg.delta_probe:
+            fps["base"] = open_reader(base).fingerprint()
+        key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg, fps.get("base"))
+        return cls(father, mother, base, prompts, fps, key)
+
+
+def scan_key(father_path, mother_path, probes: ProbesConfig, cfg: MriConfig, resolve=None, base_path=None) -> str:
+    """The cache key a scan of these parents with these settings gets (fingerprints and prompts; no
+    model is loaded): a saved scan with another key is stale."""
+    return _ScanInputs.of(father_path, mother_path, probes, cfg, resolve, base_path).key
+
+
+def represcribe(result: "MriResult", probes: ProbesConfig, cfg: MriConfig, mother_sets: list[str] | None) -> None:
+    """Recompute ``result.prescription`` for these probe weights, prescription settings and mother
+    sets (none of which the scan's cache key covers); the scans themselves are kept."""
+    names = [n for n in result.static.father if n in result.static.mother]
+    weights = {k: v.weight for k, v in probes.sets.items()}
+    result.prescription = prescribe(result.probe_father, result.probe_mother, result.static, cfg, names, weights,
+                                    mother_sets)
+    result.settings = asdict(cfg)
 
 
 def run_scan(
     father_path: str | Path,
     mother_path: str | Path,
-    probes_cfg: ProbesConfig | Any,
-    mri_cfg: MriConfig | Any,
+    probes_cfg: ProbesConfig,
+    mri_cfg: MriConfig,
     resolve: Callable[[str], str] | None = None,
     cache_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -412,7 +450,7 @@ def run_scan(
     the prescription r_mri, ``scan.json`` and charts in ``out_dir``.
 
     ``father_path``/``mother_path``: local checkpoint directories (``zoo://`` URIs go through
-    ``resolve``). ``probes_cfg``/``mri_cfg``: dataclasses or OmegaConf nodes. ``cache_dir``: where
+    ``resolve``). ``probes_cfg``/``mri_cfg``: the typed configs. ``cache_dir``: where
     scans are cached (None: no cache); with ``mri.cache`` on, a second call with the same parents,
     prompts and scan settings reads the cache and scans nothing. ``mother_sets``: the probe sets the
     mother is known to be better at (e.g. ``[parents.mother_skill]``); overrides ``mri.mother_sets``;
@@ -420,23 +458,12 @@ def run_scan(
     descend from (``parents.base``); the delta probe's reference (without it, each parent's reference
     is the other parent).
     """
-    probes = probes_config(probes_cfg)
-    cfg = mri_config(mri_cfg)
-    father = Path(resolve(str(father_path)) if resolve else father_path)
-    mother = Path(resolve(str(mother_path)) if resolve else mother_path)
-    base = None
-    if base_path is not None:
-        base = Path(resolve(str(base_path)) if resolve else base_path)
-    for role, p in (("father", father), ("mother", mother), ("base", base)):
-        if p is not None and not p.is_dir():
-            raise FileNotFoundError(f"MRI: the {role} checkpoint {p} is not a directory")
-    prompts = load_probe_prompts(probes, resolve)
-    weights = {k: v.weight for k, v in probes.sets.items()}
+    probes, cfg = probes_cfg, mri_cfg
+    inputs = _ScanInputs.of(father_path, mother_path, probes, cfg, resolve, base_path)
+    father, mother, base, prompts, fps, key = (inputs.father, inputs.mother, inputs.base, inputs.prompts,
+                                               inputs.fingerprints, inputs.key)
     r_father, r_mother = open_reader(father), open_reader(mother)
-    fps = {"father": r_father.fingerprint(), "mother": r_mother.fingerprint()}
-    if base is not None and cfg.delta_probe:
-        fps["base"] = open_reader(base).fingerprint()
-    key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg, fps.get("base"))
+    weights = {k: v.weight for k, v in probes.sets.items()}
     cache_file = Path(cache_dir).expanduser() / f"mri-{key}.json" if cache_dir is not None else None
 
     scans = None
@@ -461,7 +488,7 @@ def run_scan(
             "moe": {"father": moe_f.to_dict() if moe_f else None, "mother": moe_m.to_dict() if moe_m else None},
         }
         if cfg.cache and cache_file is not None:
-            _write_atomic(cache_file, json.dumps(scans))
+            write_text_atomic(cache_file, json.dumps(scans))
     static = StaticScan.from_dict(scans["static"])
     probe_f = ProbeScan.from_dict(scans["probe"]["father"])
     probe_m = ProbeScan.from_dict(scans["probe"]["mother"])
@@ -511,4 +538,4 @@ def write_outputs(result: MriResult, out_dir: Path) -> None:
     if result.moe_father is not None:
         paths["experts"] = charts.expert_utilisation(result.moe_father, result.moe_mother, out_dir / "mri_experts.png")
     result.chart_paths = paths
-    _write_atomic(out_dir / SCAN_JSON, result.to_json())
+    write_text_atomic(out_dir / SCAN_JSON, result.to_json())

@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import OmegaConf
-
 
 def reproduce_command(run_dir: Path) -> str:
     return f"darwin-hydra-reproduce {run_dir}"
@@ -40,7 +38,9 @@ def recipe_section(ctx, recipe) -> str:
         for g, v in recipe.genome["genes"].items():
             lines.append(f"| {g} | {v:.4f} |")
     else:
-        lines.append(f"- plain merge: `{OmegaConf.to_container(cfg.merge, resolve=True)}`")
+        from darwin_hydra.config import plain_config
+
+        lines.append(f"- plain merge: `{plain_config(cfg)['merge']}`")
     summary = recipe.ratio_map.summary()
     lines += ["", "Per-tensor recipe: `recipe.json` (every tensor's method, ratio, densities).", "", "```", str(summary), "```"]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ MoE rules (applied after the genome's ratios):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from darwin_hydra.arch import EXPERT, ROUTER, tensor_info
@@ -164,3 +164,37 @@ def moe_rules(genome_cfg: Any, scan: Any) -> tuple[list[str] | None, dict[int, l
 
 def hash_genome(space, values, fingerprints, r_mri, t_lo, t_hi, router_source=None, revive=None) -> str:
     return genome_hash(values, hash_context(space, fingerprints, r_mri, t_lo, t_hi, router_source, revive))
+
+
+@dataclass(frozen=True)
+class BreedingPlan:
+    """Everything besides the genes that decides a run's child: the genome space, the parents (tensor
+    names, layer count, fingerprints), the MRI prescription, the transplant thresholds and the MoE
+    rules. ``hash(values)`` is a genome's ``genome_hash``; ``ratio_map(values)`` its per-tensor recipe."""
+
+    space: GenomeSpace
+    names: tuple[str, ...]
+    num_layers: int
+    r_mri: Mapping[str, float]
+    t_lo: float | None
+    t_hi: float | None
+    fingerprints: Mapping[str, str]
+    router_source: tuple[str, ...] | None = None
+    revive: Mapping[int, Sequence[int]] = field(default_factory=dict)
+
+    def hash(self, values: Mapping[str, float]) -> str:
+        return hash_genome(self.space, values, self.fingerprints, self.r_mri, self.t_lo, self.t_hi,
+                           self.router_source, self.revive)
+
+    def ratio_map(self, values: Mapping[str, float]) -> RatioMap:
+        return genome_ratio_map(self.space, values, self.names, self.r_mri, self.num_layers, self.t_lo, self.t_hi,
+                                self.router_source, self.revive)
+
+    def uniform(self, ratio: float) -> RatioMap:
+        """child = (1 - r) * father + r * mother for every tensor (the baselines)."""
+        return uniform_ratio_map(self.names, ratio)
+
+    def for_genome(self, genes: Mapping[str, float], where: str = "genome") -> "BreedingPlan":
+        """The plan a saved genome was found under (``space_for_genome``)."""
+        space = space_for_genome(self.space, genes, where)
+        return self if space is self.space else replace(self, space=space)

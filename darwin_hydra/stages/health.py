@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from darwin_hydra.pipeline import RunContext, Stage
@@ -9,34 +10,32 @@ from darwin_hydra.pipeline import RunContext, Stage
 log = logging.getLogger(__name__)
 
 
-def child_path(ctx: RunContext):
-    path = ctx.artifacts.get("child_dir", ctx.child_dir)
-    if not (path / "config.json").exists():
+def exported_child(ctx: RunContext):
+    """The run's exported child (``Exported``): this process's merge, else the one on disk."""
+    exported = ctx.results.merge or ctx.stage("merge").load(ctx)
+    if exported is None:
         raise FileNotFoundError(
-            f"health: no exported child at {path}; run the merge stage first (pipeline.stages=[...,merge,health])"
+            f"no exported child at {ctx.child_dir} that verifies; run the merge stage first "
+            "(pipeline.stages=[...,merge,health])"
         )
-    return path
+    return exported
 
 
-def run_health(ctx: RunContext, model_dir) -> dict:
+def run_health(ctx: RunContext, model_dir, health_cfg, mri, probes) -> dict:
     """Probe-scan ``model_dir`` with the run's probes and settings; flag it against the parents' scans."""
-    from darwin_hydra.health import health_from_config
-    from darwin_hydra.mri.config import mri_config, probes_config
+    from darwin_hydra.health import health_check
     from darwin_hydra.mri.probes import layer_importance, load_probe_prompts
     from darwin_hydra.mri.scan import load_model, load_tokenizer
     from darwin_hydra.report.charts import health_curves
-    from darwin_hydra.stages.scan import ensure_scan
 
-    scan = ensure_scan(ctx)
-    mri = mri_config(ctx.cfg.mri)
-    probes = probes_config(ctx.cfg.probes)
+    scan = ctx.require("scan")
     prompts = load_probe_prompts(probes, ctx.resolve)
     model = load_model(model_dir, dtype=mri.dtype, device=mri.device)
     tok = load_tokenizer(model_dir, ctx.parent_path("father"))
     child = layer_importance(model, tok, prompts, max_length=probes.max_length, batch_size=probes.batch_size,
                              reduce=mri.probe_reduce, progress=mri.progress)
     father, mother = scan.probe_father.importance, scan.probe_mother.importance
-    report = health_from_config(child.importance, father, mother, ctx.cfg.health)
+    report = health_check(child.importance, father, mother, health_cfg)
     moe = None
     if mri.moe and scan.moe_mother is not None:
         from darwin_hydra.arch import is_moe
@@ -55,7 +54,7 @@ def run_health(ctx: RunContext, model_dir) -> dict:
                 if s is not None
             }
     chart = health_curves(child.importance, father, mother, report.flagged_layers, ctx.run_dir / "charts" / "health.png")
-    out = {
+    return {
         "verdict": report.verdict,
         "flagged_layers": report.flagged_layers,
         "flags": [f.__dict__ | {"text": f.describe()} for f in report.flags],
@@ -64,16 +63,30 @@ def run_health(ctx: RunContext, model_dir) -> dict:
         "chart": str(chart),
         "moe": moe,
     }
-    return out
 
 
 class HealthStage(Stage):
     name = "health"
 
-    def run(self, ctx: RunContext) -> None:
-        out = run_health(ctx, child_path(ctx))
+    def __init__(self, health, mri, probes):
+        self.health, self.mri, self.probes = health, mri, probes
+
+    def load(self, ctx: RunContext) -> dict | None:
+        """This run's ``health.json`` when it is the check of the child now exported."""
+        path = ctx.run_dir / "health.json"
+        if not path.exists():
+            return None
+        out = json.loads(path.read_text())
+        exported = ctx.results.merge or ctx.stage("merge").load(ctx)
+        if exported is None or out.get("genome_hash") != exported.recipe.genome_hash:
+            return None
+        return out
+
+    def run(self, ctx: RunContext) -> dict:
+        exported = exported_child(ctx)
+        out = run_health(ctx, exported.dir, self.health, self.mri, self.probes)
+        out["genome_hash"] = exported.recipe.genome_hash
         ctx.write_json("health.json", out)
-        ctx.artifacts["health"] = out
         ctx.tracker.log_images({"health/curves": out["chart"]})
         ctx.tracker.log_summary({"health/verdict": out["verdict"], "health/flags": len(out["flags"])})
         if out["moe"]:
@@ -84,3 +97,4 @@ class HealthStage(Stage):
         else:
             log.warning("health: %d flag(s) on layers %s:\n  %s", len(out["flags"]), out["flagged_layers"],
                         "\n  ".join(f["text"] for f in out["flags"]))
+        return out

@@ -1,23 +1,34 @@
 """Merge/export stage: stream the child to ``child/`` (sharded safetensors, index, config, tokenizer,
-checksums, recipe, model card), atomically.
+checksums, recipe, model card, and ``darwin_hydra.json``: what the child was made from), atomically.
 
 With a genome (from the search stage, or ``genome.json`` in the run directory) the child is the
 genome's DARE-TIES recipe over the MRI prescription; without one it is a plain merge from the
 ``merge`` group: ``darwin-hydra 'pipeline.stages=[merge]' merge.method=ties merge.ratio=0.5``.
+
+The child carries its own record (``darwin_hydra.json``: kind, genome_hash, hash version, the run's
+config, the parents' fingerprints) beside ``recipe.json`` and ``checksums.json``, so that
+``darwin-hydra-reproduce`` rebuilds it from what it carries and can tell a changed config from
+damaged tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-from omegaconf import OmegaConf
 
 from darwin_hydra.pipeline import RunContext, Stage
 
 log = logging.getLogger(__name__)
+
+CHILD_RECORD = "darwin_hydra.json"
+# 1: a plain merge's hash covered merge.workers and merge.device (runs before 2026-12-07);
+# 2: performance settings (workers, processes, device) are left out: they never change a child
+HASH_VERSION = 2
+PERFORMANCE_KEYS = ("workers", "processes", "device")
 
 
 @dataclass
@@ -28,54 +39,73 @@ class ChildRecipe:
     kind: str  # "genome" | "plain"
 
 
-def child_recipe(ctx: RunContext) -> ChildRecipe:
-    """The recipe of this run's child: the genome's when there is one, else the plain merge config's."""
-    from darwin_hydra.arch import num_layers
-    from darwin_hydra.search.genome import GenomeSpace, digest
+@dataclass
+class Exported:
+    dir: Path
+    recipe: ChildRecipe
 
-    readers = ctx.readers()
-    father = readers["father"]
-    L = num_layers(father.config)
-    genome = ctx.artifacts.get("genome")
+
+def saved_genome(ctx: RunContext) -> dict | None:
+    """The genome of this run's child: the search's result in this process, else ``genome.json``."""
+    if ctx.results.search is not None:
+        return ctx.results.search.genome
     gpath = ctx.run_dir / "genome.json"
-    if genome is None and gpath.exists():
-        genome = json.loads(gpath.read_text())
-    if genome is not None:
-        from darwin_hydra.mri.config import mri_config
-        from darwin_hydra.search.recipe import genome_ratio_map, hash_genome, moe_rules, space_for_genome
-        from darwin_hydra.stages.scan import ensure_scan
+    return json.loads(gpath.read_text()) if gpath.exists() else None
 
-        space = space_for_genome(GenomeSpace.from_config(ctx.cfg.genome, L), genome["genes"], str(gpath))
-        mri = mri_config(ctx.cfg.mri)
-        scan = ensure_scan(ctx)
-        r_mri = dict(scan.r_mri)
-        router_source, revive = moe_rules(ctx.cfg.genome, scan)
-        fingerprints = {role: r.fingerprint() for role, r in readers.items()}
-        h = hash_genome(space, genome["genes"], fingerprints, r_mri, mri.t_lo, mri.t_hi, router_source, revive)
-        if genome.get("genome_hash") and genome["genome_hash"] != h:
-            raise ValueError(
-                f"{gpath}: genome_hash {genome['genome_hash']} does not match the hash {h} of its genes with these "
-                "parents, prescription and settings: the parents or the config changed since the genome was found"
-            )
-        rmap = genome_ratio_map(space, genome["genes"], father.names, r_mri, L, mri.t_lo, mri.t_hi, router_source, revive)
-        return ChildRecipe(rmap, h, genome, "genome")
+
+def child_recipe(ctx: RunContext, hash_version: int = HASH_VERSION) -> ChildRecipe:
+    """The recipe of this run's child: the genome's when there is one, else the plain merge config's.
+    A genome whose hash no longer holds (the parents or the config changed) is refused."""
     from darwin_hydra.merge.recipe import plain_ratio_map
 
-    merge_cfg = OmegaConf.to_object(ctx.cfg.merge)
-    rmap = plain_ratio_map(list(father.names), merge_cfg, L)
+    genome = saved_genome(ctx)
+    if genome is not None:
+        plan = ctx.breeding_plan().for_genome(genome["genes"])
+        h = plan.hash(genome["genes"])
+        if genome.get("genome_hash") and genome["genome_hash"] != h:
+            raise ValueError(
+                f"{ctx.run_dir / 'genome.json'}: genome_hash {genome['genome_hash']} does not match the hash {h} of its "
+                "genes with these parents, prescription and settings: the parents or the config changed since the "
+                "genome was found"
+            )
+        return ChildRecipe(plan.ratio_map(genome["genes"]), h, genome, "genome")
+    readers = ctx.readers
+    rmap = plain_ratio_map(list(readers["father"].names), ctx.cfg.merge, ctx.num_layers)
     fingerprints = {role: r.fingerprint() for role, r in readers.items()}
-    return ChildRecipe(rmap, plain_hash(ctx.cfg.merge, fingerprints), None, "plain")
+    return ChildRecipe(rmap, plain_hash(ctx.cfg.merge, fingerprints, hash_version), None, "plain")
 
 
-def plain_hash(merge_cfg, fingerprints: dict) -> str:
-    """A plain merge's genome_hash: of its merge config and the parents' fingerprints. ``processes``
-    (how the export runs, added later) is left out, so it never changes a child; ``workers`` and
-    ``device`` are in, as they always were, so that runs made so far reproduce."""
+def plain_hash(merge_cfg, fingerprints: dict, version: int = HASH_VERSION) -> str:
+    """A plain merge's genome_hash: of its merge config and the parents' fingerprints.
+
+    Version 2 leaves out ``workers``, ``processes`` and ``device`` (how the export runs), so they never
+    change a child. Version 1 (runs before) kept ``workers`` and ``device``; ``darwin-hydra-reproduce``
+    uses it for children that carry no hash version."""
     from darwin_hydra.search.genome import digest
 
-    merge = OmegaConf.to_container(merge_cfg, resolve=True)
+    merge = json.loads(json.dumps(
+        dataclasses.asdict(merge_cfg) if dataclasses.is_dataclass(merge_cfg) else dict(merge_cfg), default=str))
     merge.pop("processes", None)
-    return digest({"merge": merge, "parents": fingerprints})
+    if version == 1:
+        return digest({"merge": merge, "parents": fingerprints})
+    for key in PERFORMANCE_KEYS:
+        merge.pop(key, None)
+    return digest({"merge": merge, "parents": fingerprints, "hash_version": version})
+
+
+def child_record(ctx: RunContext, recipe: ChildRecipe) -> dict:
+    """What ``darwin_hydra.json`` in the child says it was made from."""
+    from darwin_hydra import __version__
+    from darwin_hydra.config import plain_config
+
+    return {
+        "kind": recipe.kind,
+        "genome_hash": recipe.genome_hash,
+        "hash_version": HASH_VERSION,
+        "darwin_hydra": __version__,
+        "parents": {role: r.fingerprint() for role, r in ctx.readers.items()},
+        "config": plain_config(ctx.cfg),
+    }
 
 
 def basic_model_card(ctx: RunContext, recipe: ChildRecipe) -> str:
@@ -85,20 +115,58 @@ def basic_model_card(ctx: RunContext, recipe: ChildRecipe) -> str:
     return model_card(ctx, recipe, report=None)
 
 
+def verify_child(child_dir: Path, genome_hash: str) -> list[str]:
+    """Problems of an exported child against what it should be: its record names another
+    genome_hash, or a tensor's sha256 differs from ``checksums.json`` (empty list: it verifies)."""
+    from darwin_hydra.reproduce import verify_dir
+
+    record_path, sums_path = child_dir / CHILD_RECORD, child_dir / "checksums.json"
+    if not (record_path.exists() and sums_path.exists()):
+        return [f"{child_dir} has no {CHILD_RECORD} or checksums.json"]
+    record = json.loads(record_path.read_text())
+    if record.get("genome_hash") != genome_hash:
+        return [f"{child_dir} is the child of genome_hash {record.get('genome_hash')}, not {genome_hash}"]
+    sums = json.loads(sums_path.read_text())
+    return verify_dir(child_dir, sums.get("tensors", sums))
+
+
 class MergeStage(Stage):
     name = "merge"
 
-    def run(self, ctx: RunContext) -> None:
+    def __init__(self, merge, export):
+        self.merge, self.export = merge, export
+
+    def load(self, ctx: RunContext) -> Exported | None:
+        """This run's exported child, when its record names this recipe's hash and every tensor
+        matches its checksum (a child damaged after the export is exported again)."""
+        if not (ctx.child_dir / CHILD_RECORD).exists():
+            return None
+        recipe = child_recipe(ctx)
+        problems = verify_child(ctx.child_dir, recipe.genome_hash)
+        if problems:
+            log.warning("merge: the exported child does not verify (%s); exporting it again", "; ".join(problems[:3]))
+            return None
+        return Exported(ctx.child_dir, recipe)
+
+    def run(self, ctx: RunContext) -> Exported:
         from darwin_hydra.merge.engine import merge_to_disk
 
-        ctx.check_parents()
-        readers = ctx.readers()
+        readers = ctx.checked_readers
         recipe = child_recipe(ctx)
-        extra = {"recipe.json": recipe.ratio_map.to_json(), "README.md": basic_model_card(ctx, recipe)}
+        overwrite = self.export.overwrite
+        if ctx.child_dir.exists() and not overwrite:
+            record = ctx.child_dir / CHILD_RECORD
+            if record.exists() and json.loads(record.read_text()).get("genome_hash") == recipe.genome_hash:
+                overwrite = True  # this run's own child, found damaged by load(): replace it
+            else:
+                raise FileExistsError(f"{ctx.child_dir} exists; set export.overwrite=true to replace it")
+        extra = {
+            "recipe.json": recipe.ratio_map.to_json(),
+            "README.md": basic_model_card(ctx, recipe),
+            CHILD_RECORD: json.dumps(child_record(ctx, recipe), indent=2),
+        }
         if recipe.genome is not None:
             extra["genome.json"] = json.dumps(recipe.genome, indent=2)
-        if ctx.child_dir.exists() and not ctx.cfg.export.overwrite:
-            raise FileExistsError(f"{ctx.child_dir} exists; set export.overwrite=true to replace it")
         out = merge_to_disk(
             readers["father"],
             readers["mother"],
@@ -106,15 +174,14 @@ class MergeStage(Stage):
             recipe.ratio_map,
             recipe.genome_hash,
             ctx.child_dir,
-            workers=int(ctx.cfg.merge.workers),
-            processes=ctx.cfg.merge.processes,
-            device=str(ctx.cfg.merge.device),
-            max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
+            workers=self.merge.workers,
+            processes=self.merge.processes,
+            device=self.merge.device,
+            dtype=self.merge.dtype,
+            max_shard_bytes=self.export.max_shard_bytes,
             extra_files=extra,
-            overwrite=bool(ctx.cfg.export.overwrite),
+            overwrite=overwrite,
         )
-        ctx.artifacts["child_dir"] = out
-        ctx.artifacts["recipe"] = recipe
-        summary = recipe.ratio_map.summary()
-        log.info("merge (%s, genome_hash %s) -> %s\n%s", recipe.kind, recipe.genome_hash, out, summary)
+        log.info("merge (%s, genome_hash %s) -> %s\n%s", recipe.kind, recipe.genome_hash, out, recipe.ratio_map.summary())
         ctx.tracker.log_summary({"merge/genome_hash": recipe.genome_hash, "merge/kind": recipe.kind})
+        return Exported(out, recipe)

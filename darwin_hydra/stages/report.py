@@ -14,42 +14,32 @@ from darwin_hydra.pipeline import RunContext, Stage
 log = logging.getLogger(__name__)
 
 
-def _evaluate(ctx: RunContext, model, tok) -> object:
+def _evaluate(ctx: RunContext, benchmark, model, tok) -> object:
     from darwin_hydra.evaluate.benchmark import evaluate_model
 
-    b = ctx.cfg.benchmark
-    return evaluate_model(model, tok, list(b.report_tasks), include_path=ctx.resolve(str(b.include_path)),
-                          batch_size=int(b.batch_size), limit=b.limit)
+    return evaluate_model(model, tok, list(benchmark.report_tasks), include_path=ctx.resolve(benchmark.include_path),
+                          batch_size=benchmark.batch_size, limit=benchmark.limit)
 
 
-def benchmark_models(ctx: RunContext) -> dict[str, object]:
+def benchmark_models(ctx: RunContext, benchmark) -> dict[str, object]:
     """Score father, mother, child (and the best uniform merge when the search found one) on the
-    report tasks (test split)."""
+    report tasks (test split). The uniform merge is scored in the run's trial session."""
     from darwin_hydra.mri.scan import load_model, load_tokenizer
 
-    dtype = str(ctx.cfg.parents.dtype)
+    dtype, device = ctx.cfg.parents.dtype, ctx.cfg.device
     results = {}
     tok = load_tokenizer(ctx.parent_path("father"))
     for role in ("father", "mother"):
-        results[role] = _evaluate(ctx, load_model(ctx.parent_path(role), dtype=dtype, device=str(ctx.cfg.device)), tok)
-    child_dir = ctx.artifacts.get("child_dir", ctx.child_dir)
-    if (child_dir / "config.json").exists():
-        results["child"] = _evaluate(ctx, load_model(child_dir, dtype=dtype, device=str(ctx.cfg.device)), tok)
-    baseline = ctx.artifacts.get("uniform_baseline")
-    if baseline is None and (ctx.run_dir / "search.json").exists():
-        baseline = json.loads((ctx.run_dir / "search.json").read_text()).get("uniform_baseline")
+        results[role] = _evaluate(ctx, benchmark, load_model(ctx.parent_path(role), dtype=dtype, device=device), tok)
+    exported = ctx.results.merge or ctx.stage("merge").load(ctx)
+    if exported is not None:
+        results["child"] = _evaluate(ctx, benchmark, load_model(exported.dir, dtype=dtype, device=device), tok)
+    search = ctx.results.search or ctx.stage("search").load(ctx)
+    baseline = search.uniform_baseline if search is not None else None
     if baseline:
-        session = ctx.artifacts.get("session")
-        if session is None:
-            from darwin_hydra.search.genome import GenomeSpace
-            from darwin_hydra.stages.search import make_session
-
-            from darwin_hydra.arch import num_layers
-
-            space = GenomeSpace.from_config(ctx.cfg.genome, num_layers(ctx.readers()["father"].config))
-            session = make_session(ctx, space, None)
+        session = ctx.trial_session()
         session.apply_uniform(float(baseline["best_ratio"]))
-        results[f"uniform r={baseline['best_ratio']:.2f}"] = _evaluate(ctx, session.model, session.tokenizer)
+        results[f"uniform r={baseline['best_ratio']:.2f}"] = _evaluate(ctx, benchmark, session.model, session.tokenizer)
     return results
 
 
@@ -149,39 +139,47 @@ def per_layer_ratios(ratio_map, num_layers: int) -> tuple[dict[str, list[float]]
 class ReportStage(Stage):
     name = "report"
 
-    def run(self, ctx: RunContext) -> None:
-        from darwin_hydra.arch import num_layers
+    def __init__(self, benchmark, export, seed):
+        self.benchmark, self.export, self.seed = benchmark, export, seed
+
+    def load(self, ctx: RunContext) -> Path | None:
+        """This run's ``report.md`` when it reports the child now exported."""
+        path, data = ctx.run_dir / "report.md", ctx.run_dir / "benchmark.json"
+        if not (path.exists() and data.exists()):
+            return None
+        exported = ctx.results.merge or ctx.stage("merge").load(ctx)
+        if exported is None or json.loads(data.read_text()).get("genome_hash") != exported.recipe.genome_hash:
+            return None
+        return path
+
+    def run(self, ctx: RunContext) -> Path:
+        from darwin_hydra.io.atomic import write_text_atomic
         from darwin_hydra.report import charts
         from darwin_hydra.report.card import model_card, relpath
         from darwin_hydra.stages.merge import child_recipe
-        from darwin_hydra.stages.scan import ensure_scan
 
         cfg = ctx.cfg
         chart_dir = ctx.run_dir / "charts"
-        scan = ensure_scan(ctx)
+        scan = ctx.require("scan")
         images: dict[str, Path] = {f"mri_{k}": Path(v) for k, v in scan.chart_paths.items()}
 
-        results = benchmark_models(ctx)
-        bench_md, bench_data = benchmark_section(results, int(cfg.benchmark.n_bootstrap), int(cfg.seed))
+        results = benchmark_models(ctx, self.benchmark)
+        bench_md, bench_data = benchmark_section(results, self.benchmark.n_bootstrap, self.seed)
         table = {m: {t: (100 * r.tasks[t].accuracy, 100 * r.tasks[t].ci_low, 100 * r.tasks[t].ci_high) for t in r.tasks}
                  for m, r in results.items()}
         images["benchmark"] = charts.benchmark_bars(table, chart_dir / "benchmark.png")
 
-        history = ctx.artifacts.get("search_history")
-        if history is None and (ctx.run_dir / "search.json").exists():
-            history = json.loads((ctx.run_dir / "search.json").read_text())["history"]
-        if history:
-            images["evolution"] = charts.evolution_curve(history, chart_dir / "evolution.png")
+        search = ctx.results.search or ctx.stage("search").load(ctx)
+        if search is not None and search.history:
+            images["evolution"] = charts.evolution_curve(search.history, chart_dir / "evolution.png")
 
-        health = ctx.artifacts.get("health")
-        if health is None and (ctx.run_dir / "health.json").exists():
-            health = json.loads((ctx.run_dir / "health.json").read_text())
+        health = ctx.results.health or ctx.stage("health").load(ctx)
         if health:
             images["health"] = Path(health["chart"])
 
-        recipe = ctx.artifacts.get("recipe") or child_recipe(ctx)
-        L = num_layers(ctx.readers()["father"].config)
-        means, trans = per_layer_ratios(recipe.ratio_map, L)
+        exported = ctx.results.merge or ctx.stage("merge").load(ctx)
+        recipe = exported.recipe if exported is not None else child_recipe(ctx)
+        means, trans = per_layer_ratios(recipe.ratio_map, ctx.num_layers)
         images["layer_ratios"] = charts.layer_ratios(means, trans, chart_dir / "layer_ratios.png")
 
         def chart_md(imgs: dict[str, Path], base: Path) -> str:
@@ -195,30 +193,28 @@ class ReportStage(Stage):
             [f"# darwin-hydra report: {cfg.parents.name}", f"Run directory: `{ctx.run_dir}`",
              model_card(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)}).split("---\n", 2)[-1]]
         )
-        (ctx.run_dir / "report.md").write_text(report_md)
+        bench_data["genome_hash"] = recipe.genome_hash
         ctx.write_json("benchmark.json", bench_data)
 
-        child_dir = ctx.artifacts.get("child_dir", ctx.child_dir)
-        if (child_dir / "config.json").exists():
-            img_dir = child_dir / "images"
+        if exported is not None:
+            img_dir = exported.dir / "images"
             img_dir.mkdir(exist_ok=True)
             card_images = {}
             for k, p in images.items():
                 dst = img_dir / Path(p).name
                 shutil.copyfile(p, dst)
                 card_images[k] = dst
-            card = model_card(ctx, recipe, sections | {"charts": chart_md(card_images, child_dir)})
-            tmp = child_dir / "README.md.tmp"
-            tmp.write_text(card)
-            tmp.replace(child_dir / "README.md")
+            write_text_atomic(exported.dir / "README.md", model_card(ctx, recipe, sections | {"charts": chart_md(card_images, exported.dir)}))
+        report = write_text_atomic(ctx.run_dir / "report.md", report_md)  # last: a finished report means a finished run
 
         ctx.tracker.log_images({f"report/{k}": v for k, v in images.items()})
         cols = ["model"] + list(next(iter(table.values()))) + ["skill mean"]
         ctx.tracker.log_table("report/benchmark", cols,
                               [[m] + [v[0] for v in row.values()] + [100 * results[m].mean] for m, row in table.items()])
         ctx.tracker.log_summary({f"test/{m}_mean": r.mean for m, r in results.items()})
-        log.info("report: %s\n%s", ctx.run_dir / "report.md", bench_md)
-        if cfg.export.push_to_hub:
+        log.info("report: %s\n%s", report, bench_md)
+        if self.export.push_to_hub and exported is not None:
             from darwin_hydra.report.hub import push_child
 
-            push_child(child_dir, cfg.export.hub_repo_id, bool(cfg.export.hub_private))
+            push_child(exported.dir, self.export.hub_repo_id, self.export.hub_private)
+        return report

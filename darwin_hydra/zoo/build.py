@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from darwin_hydra.arch import tensor_info
+from darwin_hydra.io.atomic import write_text_atomic
 from darwin_hydra.zoo.config import ZOO_FORMAT_VERSION, ZooConfig, as_dict, pair_spec, to_zoo_config, validate, zoo_hash
 from darwin_hydra.zoo.score import dead_experts, expert_shares, greedy_correct
 from darwin_hydra.zoo.skills import SkillParams, _stream_seed, eval_splits, get_skill
@@ -135,9 +136,7 @@ def _relocate(root: Path, cfg: ZooConfig) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def skill_params(cfg: ZooConfig) -> SkillParams:

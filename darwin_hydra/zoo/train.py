@@ -139,8 +139,12 @@ class Encoder:
 
 
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
-    """Skill -> sampling probability: the weights over their sum, zero weights dropped."""
-    kept = {s: float(w) for s, w in weights.items() if w > 0}
+    """Skill -> sampling probability: the weights over their sum, zero weights dropped, in the order of
+    the skill registry (a mixture's draws must not depend on the order a config merge left its keys in)."""
+    from darwin_hydra.zoo.skills import SKILLS
+
+    order = {name: i for i, name in enumerate(SKILLS)}
+    kept = {s: float(w) for s, w in sorted(weights.items(), key=lambda kv: order.get(kv[0], len(order))) if w > 0}
     total = sum(kept.values())
     return {s: w / total for s, w in kept.items()}
 
