@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from darwin_hydra.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def run_pipeline(cfg, run_dir: str | Path) -> RunContext:
                 ctx.results.skipped.append(stage.name)
             else:
                 log.info("stage %s: start", stage.name)
+                fault_point(f"stage:{stage.name}")
                 result = stage.run(ctx)
                 seconds = time.perf_counter() - t0
                 ctx.results.seconds[stage.name] = seconds
@@ -242,24 +244,3 @@ def run_pipeline(cfg, run_dir: str | Path) -> RunContext:
     finally:
         ctx.tracker.finish()
     return ctx
-
-
-def fault_point(where: str) -> None:
-    """Test hook of the fault-injection suite: with ``DARWIN_HYDRA_FAULT=<where>[:<n>]`` in the
-    environment, the process kills itself (SIGKILL) the n-th time (default 1st) it passes ``where``.
-    Costs one dict lookup otherwise."""
-    spec = os.environ.get("DARWIN_HYDRA_FAULT")
-    if not spec:
-        return
-    point, _, nth = spec.partition(":")
-    if point != where:
-        return
-    count = _FAULT_COUNTS[where] = _FAULT_COUNTS.get(where, 0) + 1
-    if count >= int(nth or 1):
-        import signal
-
-        log.warning("fault injection: SIGKILL at %s (pass %d)", where, count)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_FAULT_COUNTS: dict[str, int] = {}

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from darwin_hydra.config import ConfigError, DarwinConfig, load_config
 
@@ -108,3 +108,31 @@ def _saved_choices(run_dir: Path) -> dict:
         return {}
     hydra = OmegaConf.load(path)
     return dict(OmegaConf.select(hydra, "hydra.runtime.choices", default={}) or {})
+
+
+def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None):
+    """``darwin-hydra OVERRIDES hydra.run.dir=RUN_DIR`` in this process (notebooks, tests): compose,
+    start or resume the run, run its stages; returns the ``RunContext``."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from darwin_hydra.config import register_configs
+    from darwin_hydra.pipeline import run_pipeline
+
+    register_configs()
+    overrides = list(overrides)
+    if run_dir is not None:
+        overrides.append(f"hydra.run.dir={run_dir}")
+    if GlobalHydra.instance().is_initialized():
+        raise RuntimeError("darwin_hydra.run.run: called inside a Hydra app; use run_pipeline with its config")
+    with initialize_config_module(config_module="darwin_hydra_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    hydra_cfg = cfg.hydra
+    run_dir = Path(hydra_cfg.run.dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.update(cfg, "paths.output_dir", str(run_dir), merge=False)
+    task = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    typed = prepare_run(cfg, run_dir, task, hydra_cfg=hydra_cfg)
+    return run_pipeline(typed, run_dir)
+

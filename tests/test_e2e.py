@@ -1,6 +1,6 @@
-"""End to end on the tiny zoo: the whole pipeline from the installed command, its outputs, W&B files,
+"""End to end on the tiny zoo through the installed command: the whole pipeline, its outputs, W&B files,
 reproduction bit for bit, a damaged tensor named by the reproduce command, the honest-split refusal,
-and a resumed run."""
+MoE rules, multirun sweeps. (Resume: tests/test_run_contract.py and tests/test_faults.py.)"""
 
 import json
 import os
@@ -13,17 +13,7 @@ import pytest
 from darwin_hydra.io.checkpoint import CheckpointReader
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "zoo=tiny",
-    "probes=zoo_tiny",
-    "optimizer.phase1_trials=4",
-    "optimizer.phase2_top_k=1",
-    "optimizer.phase2_trials=2",
-    "optimizer.patience=2",
-    "optimizer.proxy_prompts=4",
-    "benchmark.n_bootstrap=200",
-    "threads=1",
-]
+QUICK = ["experiment=test_tiny"]
 
 
 def _cmd(name):

@@ -60,9 +60,11 @@ def test_resuming_a_study_of_another_genome_space_names_the_missing_gene(tmp_pat
                phase1_trials=5, phase2_top_k=1, phase2_trials=0, patience=100, min_delta=0.0)
 
 
-def test_resume_after_sigkill_keeps_finished_trials_and_reruns_the_killed_one(tmp_path):
-    db = tmp_path / "study.db"
-    script = textwrap.dedent(f"""
+def test_resume_after_sigkill_reruns_the_killed_trial_in_place_and_matches_an_unkilled_search(tmp_path):
+    """SIGKILL inside a trial (its parameters asked, its value not told), then resume: no finished trial is
+    evaluated again, the killed trial is re-run under its own number with its own parameters, and the
+    study ends exactly as a search that was never killed (same parameters, trial by trial)."""
+    script = textwrap.dedent("""
         import os, signal, sys
         from darwin_hydra.config import compose
         from darwin_hydra.search.genome import GenomeSpace
@@ -75,24 +77,27 @@ def test_resume_after_sigkill_keeps_finished_trials_and_reruns_the_killed_one(tm
             if calls == 8 and sys.argv[1] == "die":
                 os.kill(os.getpid(), signal.SIGKILL)
             return -sum((g[k] - 0.3) ** 2 for k in g if k in sp.genes)
-        res = search(sp, sp.centre(), fit, None, storage="sqlite:///{db}", study_name="k", seed=0,
-                     phase1_trials=12, phase2_top_k=0, phase2_trials=0, patience=5, min_delta=0.0)
+        res = search(sp, sp.centre(), fit, fit, storage=f"sqlite:///{sys.argv[2]}", study_name="k", seed=0,
+                     phase1_trials=12, phase2_top_k=2, phase2_trials=6, patience=50, min_delta=0.0)
         print("CALLS", calls)
     """)
-    p = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True)
+    db, ref = tmp_path / "study.db", tmp_path / "reference.db"
+    p = subprocess.run([sys.executable, "-c", script, "die", str(db)], capture_output=True, text=True)
     assert p.returncode == -9
     study = optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}")
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 7
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 7
     running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    assert len(running) == 1
+    assert len(running) == 1 and running[0].number == 7
     killed_params = running[0].params
 
-    p = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", script, "live", str(db)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "CALLS 5" in p.stdout  # 12 - 7 finished: no finished trial evaluated again
-    study = optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 12
-    reruns = [t for t in complete if t.user_attrs.get("rerun_of") == running[0].number]
-    assert len(reruns) == 1 and reruns[0].params == killed_params
+    assert "CALLS 11" in p.stdout  # 12 - 7 phase-1 trials, then 6 of phase 2: no finished trial evaluated again
+    p = subprocess.run([sys.executable, "-c", script, "live", str(ref)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    for phase in ("k-phase1", "k-phase2"):
+        resumed = optuna.load_study(study_name=phase, storage=f"sqlite:///{db}").trials
+        never_killed = optuna.load_study(study_name=phase, storage=f"sqlite:///{ref}").trials
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in resumed)
+        assert [t.params for t in resumed] == [t.params for t in never_killed], phase
+    assert optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}").trials[7].params == killed_params

@@ -188,6 +188,7 @@ def merge_to_disk(
     from tqdm.auto import tqdm
 
     from darwin_hydra.io.checkpoint import CheckpointWriter
+    from darwin_hydra.faults import fault_point
 
     t0 = time.perf_counter()
     names = list(father.names)
@@ -256,6 +257,7 @@ def merge_to_disk(
             for name, sha in done:
                 writer.fill(name, sha)
                 bar.update(father.nbytes(name))
+                fault_point("export")
         finally:
             done.close()  # on an error: stop the workers before the writer removes its files
             bar.close()

@@ -23,6 +23,7 @@ import torch
 
 from darwin_hydra.arch import is_moe, tensor_info
 from darwin_hydra.io.atomic import write_text_atomic
+from darwin_hydra.faults import fault_point
 from darwin_hydra.mri.config import MriConfig, ProbesConfig
 from darwin_hydra.mri.moe import MoeScan, moe_scan
 from darwin_hydra.mri.prescribe import FATHER, MERGE, MOTHER, Prescription, prescribe
@@ -478,6 +479,7 @@ def run_scan(
         start = time.perf_counter()
         static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress, device=cfg.device)
         SCANS_RUN["static"] += 1
+        fault_point("scan")
         tokenizer = load_tokenizer(father, mother)
         (probe_f, moe_f), (probe_m, moe_m) = _probe_both(father, mother, base, tokenizer, prompts, probes, cfg)
         scans = {

@@ -5,8 +5,17 @@ further CMA-ES steps (warm-started from phase 1) on the benchmark, with early st
 
 Both phases live in one Optuna storage (two studies, ``<name>-phase1`` / ``<name>-phase2``), a
 SQLite file in the run directory by default. Started again on the same storage, the search keeps
-every finished trial, re-runs the genome of a trial that was running when the process died (it is
-marked FAIL and its parameters enqueued again), and continues the budget where it stopped.
+every finished trial and continues the budget where it stopped:
+
+- in the run's own file (one worker at a time, ``stale_after_s <= 0``) a trial left RUNNING by a dead
+  process is re-run under its own number, with its own parameters, before any new trial is asked;
+- on a shared storage a trial RUNNING longer than ``stale_after_s`` is marked FAIL and its
+  parameters enqueued again (another worker may still be running the others).
+
+Every ask uses a fresh ``CmaEsSampler`` (seeded, its state restored from the study by Optuna), so a
+trial's parameters depend on the study's history and the trial's number only, not on what the
+asking process did before: a search killed at any point and resumed gives the trials, and the
+genome, of a search never killed.
 
 CMA-ES works in centred coordinates (``genome.to_unit``): u = 0 is the starting genome (the MRI
 prescription, or the centre of the bounds), so Optuna's deprecated x0 is not needed.
@@ -56,15 +65,43 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _recover_stale(study: optuna.Study, stale_after_s: float) -> int:
-    """Mark trials left RUNNING by a dead process as FAIL and enqueue their parameters again.
+@dataclass
+class _StudyHandle:
+    """A study, its storage object and how to make its sampler (a fresh one for every ask)."""
 
-    ``stale_after_s <= 0`` treats every RUNNING trial as stale (one worker: the default file storage).
+    study: optuna.Study
+    storage: Any
+    new_sampler: Callable[[], optuna.samplers.BaseSampler]
+
+    def ask(self) -> optuna.Trial:
+        self.study.sampler = self.new_sampler()  # parameters = f(study history, trial number)
+        return self.study.ask()
+
+    def reopen(self, number: int) -> optuna.Trial:
+        """The RUNNING trial ``number`` as a live trial again (its suggested parameters kept)."""
+        self.study.sampler = self.new_sampler()
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        return optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def _recover_stale(handle: _StudyHandle, stale_after_s: float) -> list[int]:
+    """Trials left RUNNING by a dead process.
+
+    ``stale_after_s <= 0`` (one worker: the run's own file): every RUNNING trial is the dead process's;
+    their numbers are returned, to be re-run in place. Otherwise trials RUNNING for longer than
+    ``stale_after_s`` are marked FAIL and their parameters enqueued again (``rerun_of``).
     """
+    study = handle.study
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if stale_after_s <= 0:
+        if running:
+            log.info("study %s: re-running %d trial(s) left running by a dead process: %s", study.study_name,
+                     len(running), [t.number for t in running])
+        return sorted(t.number for t in running)
     now = datetime.now()
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if stale_after_s > 0 and t.datetime_start and now - t.datetime_start < timedelta(seconds=stale_after_s):
+    for t in running:
+        if t.datetime_start and now - t.datetime_start < timedelta(seconds=stale_after_s):
             continue
         study.tell(t.number, state=TrialState.FAIL)
         if t.params:
@@ -72,7 +109,7 @@ def _recover_stale(study: optuna.Study, stale_after_s: float) -> int:
         n += 1
     if n:
         log.info("study %s: %d trial(s) left running by a dead process re-enqueued", study.study_name, n)
-    return n
+    return []
 
 
 def _suggest(trial: optuna.Trial, space: GenomeSpace) -> dict[str, float]:
@@ -88,7 +125,7 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_phase(
-    study: optuna.Study,
+    handle: _StudyHandle,
     space: GenomeSpace,
     x0: Mapping[str, float],
     fitness: Fitness,
@@ -99,11 +136,15 @@ def run_phase(
     min_delta: float = 0.0,
     on_trial: TrialCallback | None = None,
     progress_desc: str = "search",
+    reopen: list[int] | None = None,
 ) -> list[TrialRecord]:
     """Ask/tell until ``n_trials`` trials of this study are complete (finished ones count), or until
-    ``patience`` trials in a row fail to improve the best value by more than ``min_delta``."""
+    ``patience`` trials in a row fail to improve the best value by more than ``min_delta``.
+    ``reopen``: numbers of trials a dead process left RUNNING, re-run first under their own numbers."""
     from tqdm.auto import tqdm
 
+    study = handle.study
+    reopen = list(reopen or [])
     history: list[TrialRecord] = []
     best = float("-inf")
     since_best = 0
@@ -129,7 +170,7 @@ def run_phase(
             if patience is not None and since_best >= patience:
                 log.info("phase %d: early stop after %d trials without improvement > %g", phase, since_best, min_delta)
                 break
-            trial = study.ask()
+            trial = handle.reopen(reopen.pop(0)) if reopen else handle.ask()
             genes = from_unit(_suggest(trial, space), x0, space)
             value = float(fitness(genes))
             study.tell(trial, value)
@@ -150,14 +191,19 @@ def run_phase(
     return history
 
 
-def make_study(storage: str, name: str, seed: int, popsize: int | None, source_trials=None) -> optuna.Study:
+def make_study(storage: str, name: str, seed: int, popsize: int | None, source_trials=None) -> _StudyHandle:
     _quiet_optuna()
-    sampler = optuna.samplers.CmaEsSampler(
-        seed=seed, popsize=popsize, source_trials=source_trials, warn_independent_sampling=False
+    rdb = optuna.storages.RDBStorage(storage) if isinstance(storage, str) else storage
+
+    def new_sampler() -> optuna.samplers.BaseSampler:
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, popsize=popsize, source_trials=source_trials, warn_independent_sampling=False
+        )
+
+    study = optuna.create_study(
+        storage=rdb, study_name=name, direction="maximize", sampler=new_sampler(), load_if_exists=True
     )
-    return optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True
-    )
+    return _StudyHandle(study, rdb, new_sampler)
 
 
 def search(
@@ -179,26 +225,27 @@ def search(
     on_trial: TrialCallback | None = None,
 ) -> SearchResult:
     """Run (or resume) both phases and return the best genome (phase 2's when it ran)."""
-    study1 = make_study(storage, f"{study_name}-phase1", seed, popsize)
-    _recover_stale(study1, stale_after_s)
-    if not study1.get_trials(deepcopy=False):
-        study1.enqueue_trial(_unit_params(to_unit(x0, x0, space)), user_attrs={"start": True})
-    hist1 = run_phase(study1, space, x0, proxy, phase1_trials, 1, on_trial=on_trial, progress_desc="phase 1 (proxy)")
+    h1 = make_study(storage, f"{study_name}-phase1", seed, popsize)
+    reopen1 = _recover_stale(h1, stale_after_s)
+    if not h1.study.get_trials(deepcopy=False):
+        h1.study.enqueue_trial(_unit_params(to_unit(x0, x0, space)), user_attrs={"start": True})
+    hist1 = run_phase(h1, space, x0, proxy, phase1_trials, 1, on_trial=on_trial, progress_desc="phase 1 (proxy)",
+                      reopen=reopen1)
     best1 = max(hist1, key=lambda r: r.value)
     result = SearchResult(best1.genes, best1.value, 1, list(hist1))
     if benchmark is None or phase2_trials <= 0:
         return result
 
-    done1 = sorted(_complete(study1), key=lambda t: t.value, reverse=True)
+    done1 = sorted(_complete(h1.study), key=lambda t: (-t.value, t.number))
     # warm-start phase 2's CMA-ES from phase 1's distribution (cmaes needs >= 10 source solutions)
     source = done1 if len(done1) >= 10 else None
-    study2 = make_study(storage, f"{study_name}-phase2", seed + 1, popsize, source_trials=source)
-    _recover_stale(study2, stale_after_s)
-    if not study2.get_trials(deepcopy=False):
+    h2 = make_study(storage, f"{study_name}-phase2", seed + 1, popsize, source_trials=source)
+    reopen2 = _recover_stale(h2, stale_after_s)
+    if not h2.study.get_trials(deepcopy=False):
         for t in done1[:phase2_top_k]:
-            study2.enqueue_trial(dict(t.params), user_attrs={"from_phase1": t.number})
+            h2.study.enqueue_trial(dict(t.params), user_attrs={"from_phase1": t.number})
     hist2 = run_phase(
-        study2,
+        h2,
         space,
         x0,
         benchmark,
@@ -208,6 +255,7 @@ def search(
         min_delta=min_delta,
         on_trial=on_trial,
         progress_desc="phase 2 (benchmark)",
+        reopen=reopen2,
     )
     best2 = max(hist2, key=lambda r: r.value)
     result = SearchResult(best2.genes, best2.value, 2, list(hist1) + list(hist2))

@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from darwin_hydra.faults import fault_point
 from darwin_hydra.pipeline import RunContext, Stage
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class ReportStage(Stage):
         )
         bench_data["genome_hash"] = recipe.genome_hash
         ctx.write_json("benchmark.json", bench_data)
+        fault_point("report")
 
         if exported is not None:
             img_dir = exported.dir / "images"

@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from darwin_hydra.pipeline import RunContext, Stage, fault_point
+from darwin_hydra.faults import fault_point
+from darwin_hydra.pipeline import RunContext, Stage
 from darwin_hydra.search.fitness import benchmark_fitness, check_honest_split, uniform_grid
 
 log = logging.getLogger(__name__)
