@@ -1,6 +1,6 @@
 """Throughput and peak memory of the checkpoint I/O layer on a ~168M-parameter bf16 Llama.
 
-    python scripts/bench_io.py [--work /tmp/bench_io] [--mode all|read|copy|save_file]
+    python scripts/bench_io.py [--work /tmp/bench_io] [--mode all|read|fingerprint|copy|merge3|save_file]
 
 Builds the checkpoint once (random weights, saved by transformers), then runs each measurement in a
 fresh subprocess so that peak RSS (ru_maxrss) belongs to that measurement alone:
@@ -50,7 +50,8 @@ def maxrss_mb() -> float:
 
 
 def run_one(mode: str, src: Path, work: Path) -> dict:
-    from darwin_hydra.io.checkpoint import CheckpointReader, CheckpointWriter
+    from darwin_hydra.io.reader import CheckpointReader
+    from darwin_hydra.io.writer import CheckpointWriter, storable, write_slot
 
     import torch  # noqa: F401  (import cost is not part of the measurement)
 
@@ -69,11 +70,10 @@ def run_one(mode: str, src: Path, work: Path) -> dict:
     if mode == "read":
         for _name, _t in r.iter_tensors():
             pass
-    elif mode in ("copy", "copy_sync"):
-        with CheckpointWriter(out, max_shard_bytes=200_000_000, source_dir=src, background=mode == "copy",
-                              max_pending_bytes=64 * 2**20) as w:
+    elif mode == "copy":
+        with CheckpointWriter(out, max_shard_bytes=200_000_000, source_dir=src) as w:
             for name, t in r.iter_tensors():
-                w.add(name, t)
+                w.fill(name, write_slot(w.reserve(name, t.dtype, t.shape), t))
     elif mode == "save_file":
         import hashlib
 
@@ -98,7 +98,8 @@ def run_one(mode: str, src: Path, work: Path) -> dict:
         with CheckpointWriter(out, max_shard_bytes=200_000_000, source_dir=src) as w:
             for name in r.names:
                 a, b, c = (x.get(name).float() for x in readers)
-                w.add(name, (0.5 * a + 0.3 * b + 0.2 * c).to(torch.bfloat16))
+                t = storable(name, (0.5 * a + 0.3 * b + 0.2 * c).to(torch.bfloat16))
+                w.fill(name, write_slot(w.reserve(name, t.dtype, t.shape), t))
     elif mode == "fingerprint":
         r.fingerprint()
     secs = time.perf_counter() - t0
@@ -120,7 +121,7 @@ def main() -> None:
         return
     if not (src / "config.json").exists():
         build(src)
-    modes = ["read", "fingerprint", "copy", "copy_sync", "save_file", "merge3"] if args.mode == "all" else [args.mode]
+    modes = ["read", "fingerprint", "copy", "save_file", "merge3"] if args.mode == "all" else [args.mode]
     for mode in modes:
         res = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--mode", mode, "--child"],
                              capture_output=True, text=True, check=True)

@@ -215,7 +215,7 @@ def cmd_floor3(dirs, method, out, work, flags):
 
 
 def child_inproc(dirs: dict, method: str, out: Path, workers: int, processes: bool | None = None) -> float:
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
     from darwin_hydra.merge.engine import merge_to_disk
     from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
 
@@ -236,7 +236,7 @@ def child_apply(dirs: dict, method: str, calls: int = 5) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
     from darwin_hydra.merge.engine import InMemoryMerger
     from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
     from darwin_hydra.testing.tiny import perturbed_copy, save_tiny

@@ -22,15 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from darwin_hydra.io import checkpoint as ckpt
-from darwin_hydra.io.checkpoint import (
-    CheckpointReader,
-    CheckpointWriter,
-    IncompatibleParentsError,
-    PickleRefusedError,
-    check_compatible,
-    tensor_sha256,
-)
+from darwin_hydra.io import fingerprint as fp_module
+from darwin_hydra.io.compat import IncompatibleParentsError, check_compatible
+from darwin_hydra.io.fingerprint import tensor_sha256
+from darwin_hydra.io.reader import CheckpointReader, PickleRefusedError
+from darwin_hydra.io.writer import CheckpointWriter, storable, write_slot
 from darwin_hydra.io.resolve import ModelNotFoundError, resolve_model
 from darwin_hydra.testing.tiny import save_tiny
 
@@ -50,11 +46,17 @@ def disk_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def put(w: CheckpointWriter, name: str, t: torch.Tensor) -> None:
+    """Reserve, write and fill one tensor (as stored by ``w``), in the order of the calls."""
+    t = storable(name, t, w.dtype)
+    w.fill(name, write_slot(w.reserve(name, t.dtype, t.shape), t))
+
+
 def copy_through_writer(src: Path, out: Path, skip=(), **kw) -> Path:
     with CheckpointReader(src) as r, CheckpointWriter(out, source_dir=src, **kw) as w:
         for name, t in r.iter_tensors():
             if name not in skip:
-                w.add(name, t)
+                put(w, name, t)
     return out
 
 
@@ -129,18 +131,18 @@ def test_fingerprint_tracks_weights_not_layout(tiny_dirs, tmp_path, monkeypatch)
         for name, t in r.iter_tensors():
             if name == "model.layers.2.mlp.down_proj.weight":
                 t[17, 5] += 1e-3  # one element of one tensor
-            w.add(name, t)
+            put(w, name, t)
     assert CheckpointReader(tmp_path / "edited").fingerprint() != fp
     # Large models: a strided sample per tensor (first and last window included).
-    monkeypatch.setattr(ckpt, "FINGERPRINT_FULL_BYTES", 0)
-    monkeypatch.setattr(ckpt, "FINGERPRINT_WINDOW", 64)
+    monkeypatch.setattr(fp_module, "FINGERPRINT_FULL_BYTES", 0)
+    monkeypatch.setattr(fp_module, "FINGERPRINT_WINDOW", 64)
     sampled = CheckpointReader(src).fingerprint()
     assert sampled != fp and CheckpointReader(resharded).fingerprint() == sampled
     with CheckpointReader(src) as r, CheckpointWriter(tmp_path / "edited_last", source_dir=src) as w:
         for name, t in r.iter_tensors():
             if name == "model.embed_tokens.weight":
                 t.view(-1)[-1] += 1.0  # in the last window
-            w.add(name, t)
+            put(w, name, t)
     assert CheckpointReader(tmp_path / "edited_last").fingerprint() != sampled
 
 
@@ -158,7 +160,7 @@ def test_roundtrip_through_writer_is_exact_and_loadable(tiny_dirs, tmp_path, arc
     assert set(index["weight_map"]) == set(original)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
     for s in shards:
-        assert s.stat().st_size <= 40_000 + 8 + 2 * ckpt.CheckpointWriter.HEADER_RESERVE
+        assert s.stat().st_size <= 40_000 + 8 + 2 * CheckpointWriter.HEADER_RESERVE
         with safe_open(str(s), "pt") as f:
             assert all(index["weight_map"][k] == s.name for k in f.keys())
     child = disk_tensors(out)
@@ -196,7 +198,7 @@ def test_streaming_shards_with_reserved_headers(tiny_dirs, tmp_path):
     w.HEADER_RESERVE = 4096  # ~30 entries per shard
     with CheckpointReader(src) as r, w:
         for name, t in r.iter_tensors():
-            w.add(name, t)
+            put(w, name, t)
     out = tmp_path / "child"
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 5
@@ -207,21 +209,12 @@ def test_streaming_shards_with_reserved_headers(tiny_dirs, tmp_path):
     assert torch.equal(logits(out), logits(src))
 
 
-def test_background_writer_matches_synchronous(tiny_dirs, tmp_path):
-    src = tiny_dirs["gemma4"]
-    a = copy_through_writer(src, tmp_path / "sync", max_shard_bytes=50_000)
-    b = copy_through_writer(src, tmp_path / "bg", max_shard_bytes=50_000, background=True, max_pending_bytes=10_000)
-    for f in ["model.safetensors.index.json", "checksums.json"] + [p.name for p in a.glob("*.safetensors")]:
-        assert (a / f).read_bytes() == (b / f).read_bytes()
-
-
-def test_reserved_slots_written_in_any_order_give_the_files_add_gives(tiny_dirs, tmp_path):
+def test_reserved_slots_written_in_any_order_give_the_same_files(tiny_dirs, tmp_path):
     """reserve() in order, write_slot() in reverse (as forked merge workers do), fill(): the same bytes
-    as add(), over several shards, a compacted small one and a dtype cast included."""
-    from darwin_hydra.io.checkpoint import storable, write_slot
-
+    as writing each tensor as it is reserved, over several shards, a compacted small one and a dtype
+    cast included."""
     src = tiny_dirs["gemma4"]
-    a = copy_through_writer(src, tmp_path / "added", max_shard_bytes=50_000, dtype=torch.float32)
+    a = copy_through_writer(src, tmp_path / "in_order", max_shard_bytes=50_000, dtype=torch.float32)
     w = CheckpointWriter(tmp_path / "slots", max_shard_bytes=50_000, source_dir=src, dtype=torch.float32)
     with CheckpointReader(src) as r, w:
         tensors = {n: storable(n, t, torch.float32) for n, t in r.iter_tensors()}
@@ -251,8 +244,6 @@ def test_mapped_reads_equal_pread_reads(tiny_dirs):
 
 
 def test_a_reserved_slot_never_filled_or_misfilled_is_refused(tiny_dirs, tmp_path):
-    from darwin_hydra.io.checkpoint import write_slot
-
     src = tiny_dirs["qwen3_5"]
     w = CheckpointWriter(tmp_path / "child", source_dir=src)
     with CheckpointReader(src) as r:
@@ -273,11 +264,12 @@ def test_a_reserved_slot_never_filled_or_misfilled_is_refused(tiny_dirs, tmp_pat
 KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from darwin_hydra.io.checkpoint import CheckpointReader, CheckpointWriter
+    from darwin_hydra.io.reader import CheckpointReader
+    from darwin_hydra.io.writer import CheckpointWriter, write_slot
     src, out = sys.argv[1], sys.argv[2]
     with CheckpointReader(src) as r, CheckpointWriter(out, max_shard_bytes=20_000, source_dir=src) as w:
         for i, (name, t) in enumerate(r.iter_tensors()):
-            w.add(name, t)
+            w.fill(name, write_slot(w.reserve(name, t.dtype, t.shape), t))
             if i == len(r.names) // 2:
                 w.write_text("README.md", "half a child")
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -305,7 +297,7 @@ def test_exception_removes_temporary_directory(tiny_dirs, tmp_path):
     with pytest.raises(RuntimeError, match="merge failed"):
         with CheckpointReader(tiny_dirs["llama"]) as r, CheckpointWriter(tmp_path / "child", source_dir=r.path) as w:
             for i, (name, t) in enumerate(r.iter_tensors()):
-                w.add(name, t)
+                put(w, name, t)
                 if i == 3:
                     raise RuntimeError("merge failed")
     assert list(tmp_path.iterdir()) == []
@@ -332,9 +324,9 @@ def test_extra_files_tokenizer_and_errors(tiny_dirs, tmp_path):
     (src / "training_args.bin").write_bytes(b"not copied")
     out = tmp_path / "child"
     with CheckpointReader(src) as r, CheckpointWriter(out, source_dir=src) as w:
-        w.add("model.embed_tokens.weight", r.get("model.embed_tokens.weight"))
+        put(w, "model.embed_tokens.weight", r.get("model.embed_tokens.weight"))
         with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight.*added twice"):
-            w.add("model.embed_tokens.weight", r.get("model.embed_tokens.weight"))
+            put(w, "model.embed_tokens.weight", r.get("model.embed_tokens.weight"))
         with pytest.raises(ValueError, match="relative"):
             w.write_text("../escape.txt", "no")
         w.write_text("README.md", "# child\n")
@@ -345,7 +337,7 @@ def test_extra_files_tokenizer_and_errors(tiny_dirs, tmp_path):
         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
     ])
     with pytest.raises(RuntimeError, match="committed"):
-        w.add("x", torch.zeros(1))
+        put(w, "x", torch.zeros(1))
     with pytest.raises(ValueError, match="no tensors were added"):
         with CheckpointWriter(tmp_path / "empty"):
             pass

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from darwin_hydra.io.checkpoint import CheckpointReader, CheckpointWriter
+from darwin_hydra.io.reader import CheckpointReader
+from darwin_hydra.io.writer import CheckpointWriter, storable, write_slot
 from darwin_hydra.io.layout import fuse_experts, load_from, param_views, split_experts
 from darwin_hydra.testing.tiny import save_tiny, tiny_model
 
@@ -102,7 +103,8 @@ def test_editing_one_expert_through_its_view_equals_loading_it(saved, tmp_path, 
     # The same tensors written to disk under their canonical names load to the same model.
     with CheckpointWriter(tmp_path / "child", source_dir=saved[arch]) as w:
         for name, view in views.items():
-            w.add(name, view.clone())
+            t = storable(name, view)
+            w.fill(name, write_slot(w.reserve(name, t.dtype, t.shape), t))
     with torch.no_grad():
         reloaded = load(tmp_path / "child")(TOKENS).logits
     assert torch.equal(reloaded, edited)

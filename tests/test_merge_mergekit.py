@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("mergekit")
 
-from darwin_hydra.io.checkpoint import CheckpointReader  # noqa: E402
+from darwin_hydra.io.reader import CheckpointReader  # noqa: E402
 from darwin_hydra.merge.engine import merge_to_disk  # noqa: E402
 from darwin_hydra.merge.recipe import RatioMap, TensorRecipe  # noqa: E402
 

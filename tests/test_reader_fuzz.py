@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from darwin_hydra.io.checkpoint import CheckpointReader, PickleRefusedError
+from darwin_hydra.io.reader import CheckpointReader, PickleRefusedError
 from darwin_hydra.io.format import DTYPES, MAX_HEADER_BYTES, read_header
 
 FUZZ = settings(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from darwin_hydra.arch import text_config
 
 if TYPE_CHECKING:
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ def _shape(s: tuple) -> str:
     return "(" + ", ".join(str(d) for d in s) + ")"
 
 
-def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> list[str]:
-    """All differences of each role against the first, config-level first, as readable lines."""
+def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True, optional=None) -> list[str]:
+    """All differences of each role against the first, config-level first, as readable lines.
+    ``optional(name)``: tensors of the first that the others may lack (taken from the first whole). A
+    reader renamed into the first's layout (``io.layouts``, a text-only causal LM beside a multimodal
+    father) is compared by its text decoder's config."""
     roles = list(readers)
     if len(roles) < 2:
         return []
@@ -87,12 +90,14 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> li
     tensor_diffs: list[str] = []
     for role in roles[1:]:
         other = readers[role]
-        for key in ("model_type", "architectures"):
-            a, b = ref.config.get(key), other.config.get(key)
-            if a != b:
-                config_diffs.append(f"config {key}: {ref_role} {a!r} vs {role} {b!r}")
+        mixed = bool(getattr(other, "renamed_from", None))
+        if not mixed:
+            for key in ("model_type", "architectures"):
+                a, b = ref.config.get(key), other.config.get(key)
+                if a != b:
+                    config_diffs.append(f"config {key}: {ref_role} {a!r} vs {role} {b!r}")
         a, b = _cfg(ref.config, "model_type"), _cfg(other.config, "model_type")
-        if a != b and ref.config.get("model_type") == other.config.get("model_type"):
+        if a != b and (mixed or ref.config.get("model_type") == other.config.get("model_type")):
             config_diffs.append(f"config text_config.model_type: {ref_role} {a!r} vs {role} {b!r}")
         a, b = _cfg(ref.config, "vocab_size"), _cfg(other.config, "vocab_size")
         if a != b:
@@ -111,7 +116,7 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> li
             elif vocab is not None:
                 log.debug("tokenizers of %s (%s) and %s (%s) not compared", ref_role, ref_vocab[2], role, vocab[2])
         names = set(other.names)
-        missing = [n for n in ref.names if n not in names]
+        missing = [n for n in ref.names if n not in names and not (optional and optional(n))]
         extra = [n for n in other.names if n not in ref_names]
         shapes, dtypes = [], []
         for name in ref.names:
@@ -127,6 +132,13 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> li
                     f"tensor {name}: dtype {str(da).removeprefix('torch.')} in {ref_role} vs "
                     f"{str(db).removeprefix('torch.')} in {role}"
                 )
+        storage = _expert_storage(missing, extra)
+        if storage:
+            config_diffs.append(
+                f"expert storage: {ref_role} fused ({storage[0]}), {role} one key per expert ({storage[1]}); "
+                f"darwin-hydra maps names between layouts, not storage: save one like the other (load it with "
+                f"transformers from files stored the other way, then save_pretrained)"
+            )
         if len(missing) + len(extra) + len(shapes) + len(dtypes) > MAX_LISTED // 2:
             config_diffs.append(
                 f"tensors of {role} vs {ref_role}: {len(missing)} of {len(ref.names)} missing, {len(extra)} extra, "
@@ -138,12 +150,26 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> li
     return config_diffs + tensor_diffs
 
 
-def check_compatible(readers: dict[str, CheckpointReader], tokenizers: bool = True) -> None:
+def _expert_storage(missing: list[str], extra: list[str]) -> tuple[str, str] | None:
+    """(a fused expert tensor one side has, a per-expert one the other has) when MoE experts are stored
+    fused (``mlp.experts.gate_up_proj``) in one checkpoint and one key per expert in the other."""
+    import re
+
+    fused = next((n for n in missing if re.search(r"\.experts\.(gate_up_proj|down_proj)$", n)), None)
+    per_expert = next((n for n in extra if re.search(r"\.experts\.\d+\.", n)), None)
+    if fused and per_expert:
+        return fused, per_expert
+    fused = next((n for n in extra if re.search(r"\.experts\.(gate_up_proj|down_proj)$", n)), None)
+    per_expert = next((n for n in missing if re.search(r"\.experts\.\d+\.", n)), None)
+    return (per_expert, fused) if fused and per_expert else None
+
+
+def check_compatible(readers: dict[str, CheckpointReader], tokenizers: bool = True, optional=None) -> None:
     """Raise ``IncompatibleParentsError`` unless all readers (``{"father": r, "mother": r, "base": r}``)
     are one architecture: same ``model_type``/``architectures``, tensor names, shapes, dtypes,
     ``vocab_size``, and (``tokenizers=True``, where both have tokenizer files of one kind) the same
     vocabulary. Reads headers and small JSON files only, never tensor data."""
-    diffs = compare(readers, tokenizers=tokenizers)
+    diffs = compare(readers, tokenizers=tokenizers, optional=optional)
     if not diffs:
         roles = ", ".join(f"{r} ({rd.path})" for r, rd in readers.items())
         log.info("parents compatible: %s", roles)

@@ -49,6 +49,10 @@ for _code, _attr in (
         DTYPES[_code] = getattr(torch, _attr)
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
+# A checkpoint directory's weights (transformers' names): one file, or shards listed by an index.
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
 # A header larger than this is refused as corrupt (safetensors itself refuses above 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 # One read(2)/write(2) call moves at most 0x7ffff000 bytes on Linux: larger tensors need a loop.

@@ -1,5 +1,7 @@
-"""The merge engine: pure per-tensor methods (``methods``), recipes and ratio maps (``recipe``),
-the streamed and in-memory modes (``engine``). See docs/merge.md.
+"""The merge engine: pure per-tensor methods (``methods``, their kernels in ``kernels`` over the
+chunks of ``chunks``, random masks in ``masks``), recipes and ratio maps (``recipe``), the streamed
+and in-memory modes (``engine``, the export's ``workers``, the in-memory fast path ``batched``).
+See docs/merge.md.
 
 Names are imported lazily, so that the config schema (``merge.config``) loads without torch."""
 

@@ -7,9 +7,10 @@ per-tensor recipe parameters are spread over the elements, so a whole trial is ~
 
 Only methods without whole-tensor statistics qualify: dare_ties, dare_linear, task_arithmetic
 (optionally blended with linear: Darwin's merge_method_weight), with 0 < ratio < 1 and no
-transplant or copied rows; everything else goes through ``methods.merge_tensor``. The arithmetic
-is the same op for op (per-element float32 weights equal the scalars ``methods`` uses, masks are
-the same function of (seed, index)), so both paths give bit-identical children.
+transplant or copied rows; everything else goes through ``methods.merge_tensor``. Both paths run
+the same functions (``masks.lowbias32_`` and ``masks.dare_mask``, ``kernels.ties`` and
+``kernels.linear``), here with one float32 weight per element where ``methods`` has a scalar (the
+same float32 value), so both give bit-identical children.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from darwin_hydra.merge.masks import _C1, _C2, _M32, _i32, keep_threshold
+from darwin_hydra.merge.kernels import FAMILY, delta_weights, linear, ties
+from darwin_hydra.merge.masks import dare_mask, keep_threshold, lowbias32_, seed_key
 from darwin_hydra.merge.recipe import TensorRecipe, tensor_seed
 
-BATCHABLE = {"dare_ties": "ties", "dare_linear": None, "task_arithmetic": None}
+# the methods without whole-tensor statistics (no sparsification, or DARE) -> their consensus
+BATCHABLE = {m: consensus for m, (kind, consensus) in FAMILY.items() if kind in (None, "dare")}
 
 
 def batchable(recipe: TensorRecipe) -> tuple | None:
@@ -36,23 +39,27 @@ def batchable(recipe: TensorRecipe) -> tuple | None:
 
 
 class BatchedParents:
-    """Father, mother (and base) of the float tensors ``names``, concatenated as float32 on ``device``."""
+    """Father, mother (and base) of the float tensors ``names``, concatenated as float32 on ``device``.
+    Each parent's tensors are taken once (``father[name]``: a tensor, or read from its file)."""
 
     def __init__(self, names: Sequence[str], father: Mapping, mother: Mapping, base: Mapping | None, device):
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.sizes = [father[n].numel() for n in self.names]
-        self.dtypes = [father[n].dtype for n in self.names]
+        self.device = torch.device(device)
+        fathers = [father[n] for n in self.names]
+        self.sizes = [t.numel() for t in fathers]
+        self.dtypes = [t.dtype for t in fathers]
         self.offsets = [0]
         for s in self.sizes:
             self.offsets.append(self.offsets[-1] + s)
-        self.device = torch.device(device)
 
-        def flat(src):
-            return torch.cat([src[n].reshape(-1).to(self.device, torch.float32) for n in self.names])
+        def flat(tensors):
+            return torch.cat([t.reshape(-1).to(self.device, torch.float32) for t in tensors])
 
-        self.a, self.b = flat(father), flat(mother)
-        self.c = None if base is None else flat(base)
+        self.a = flat(fathers)
+        del fathers
+        self.b = flat(mother[n] for n in self.names)
+        self.c = None if base is None else flat(base[n] for n in self.names)
         self.db = self.b - (self.a if self.c is None else self.c)
         self.da = None if self.c is None else self.a - self.c
         self.idx = torch.cat([torch.arange(s, dtype=torch.int32) for s in self.sizes]).to(self.device)
@@ -61,6 +68,12 @@ class BatchedParents:
     @property
     def numel(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the float32 parents and deltas, and the int32 element indices."""
+        held = [t for t in (self.a, self.b, self.c, self.da, self.db, self.idx) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _spread(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """One value per tensor -> one per element (``float32(value)``, as torch rounds a scalar)."""
@@ -76,46 +89,33 @@ class BatchedParents:
         method, blend = group.pop()
         n = len(self.names)
         wa, wb, fa, fb, qa, qb, mult, add, w, omw, r, omr = ([0.0] * n for _ in range(12))
+        dense = FAMILY[method][0] is None  # task_arithmetic: no masks
         for name, rec in recipes.items():
             i = self.index[name]
-            wa[i], wb[i] = rec.scale * (1.0 - rec.ratio), rec.scale * rec.ratio
-            dense = method == "task_arithmetic"
+            wa[i], wb[i] = delta_weights(rec)
             fa[i] = wa[i] if dense else wa[i] / rec.density_a
             fb[i] = wb[i] if dense else wb[i] / rec.density_b
             qa[i] = 65536 if dense else keep_threshold(rec.density_a)
             qb[i] = 65536 if dense else keep_threshold(rec.density_b)
-            seed = tensor_seed(genome_hash, name)
-            mult[i], add[i] = _i32((seed >> 32) | 1), _i32(seed & _M32)
+            mult[i], add[i] = seed_key(tensor_seed(genome_hash, name))
             w[i], omw[i], r[i], omr[i] = rec.method_weight, 1.0 - rec.method_weight, rec.ratio, 1.0 - rec.ratio
         # DARE masks: u(i) = lowbias32(i * m + k), the father's bits high, the mother's low (masks.py)
         u = self.idx * self._spread(mult, torch.int32)
         u.add_(self._spread(add, torch.int32))
-        u.bitwise_xor_(u.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_C1)
-        u.bitwise_xor_(u.bitwise_right_shift(15).bitwise_and_(0x1FFFF)).mul_(_C2)
-        u.bitwise_xor_(u.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-        keep_b = torch.lt(u.bitwise_and(0xFFFF), self._spread(qb, torch.int32)).float()
-        y = self.db * keep_b
+        lowbias32_(u)
+        y = self.db * dare_mask(u, False, self._spread(qb, torch.int32))
         y.mul_(self._spread(fb, torch.float32))
         base = self.a if self.c is None else self.c
         if self.da is None:  # the father is the base: dA = 0 contributes nothing
             delta = y
         else:
-            keep_a = torch.lt(u.bitwise_right_shift(16), self._spread([q - 32768 for q in qa], torch.int32)).float()
-            x = self.da * keep_a
+            x = self.da * dare_mask(u, True, self._spread(qa, torch.int32))
             x.mul_(self._spread(fa, torch.float32))
-            if BATCHABLE[method] == "ties":
-                up = torch.ge(x + y, 0.0).float()
-                pos = torch.clamp_min(x, 0.0).add_(torch.clamp_min(y, 0.0))
-                neg = x.clamp_max_(0.0).add_(y.clamp_max_(0.0))
-                delta = torch.lerp(neg, pos, up)
-            else:
-                delta = x.add_(y)
+            delta = ties(x, y) if BATCHABLE[method] == "ties" else x.add_(y)
         out = delta.add_(base)
-        if blend == "linear":
-            out.mul_(self._spread(w, torch.float32))
-            lin = self.a * self._spread(omr, torch.float32)
-            lin.add_(self.b * self._spread(r, torch.float32))
-            out.add_(lin.mul_(self._spread(omw, torch.float32)))
+        if blend == "linear":  # w method + (1 - w) linear, as methods.merge_tensor blends
+            lin = linear(self.a, self.b, self._spread(omr, torch.float32), self._spread(r, torch.float32))
+            out = linear(out, lin, self._spread(w, torch.float32), self._spread(omw, torch.float32), out=out, tmp=lin)
         res = {}
         for name in recipes:
             i = self.index[name]

@@ -61,8 +61,14 @@ def _rounds(device: torch.device) -> tuple:
     return r
 
 
-def _lowbias32_(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """In place on an int32 tensor (logical shifts emulated by masking the arithmetic ones);
+def seed_key(seed: int) -> tuple[int, int]:
+    """(m, k) of the module doc as signed int32 values, for elements below 2^32: u(i) = lowbias32(i m + k)
+    (int32 arithmetic wraps as mod 2^32 does)."""
+    return _i32((seed >> 32) | 1), _i32(seed & _M32)
+
+
+def lowbias32_(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """lowbias32 in place on an int32 tensor (logical shifts emulated by masking the arithmetic ones);
     ``tmp``: an int32 scratch tensor of x's size (else one is allocated per shift)."""
     for shift, mask, mult in _rounds(x.device):
         t = x.bitwise_right_shift(shift) if tmp is None else torch.bitwise_right_shift(x, shift, out=tmp)
@@ -114,7 +120,7 @@ def uniform_bits(
         x = out[pos : pos + n]
         torch.mul(_arange(n, device), _i32(mult), out=x)
         x.add_(_i32((i0 & _M32) * mult + k))
-        _lowbias32_(x, None if tmp is None else tmp[pos : pos + n])
+        lowbias32_(x, None if tmp is None else tmp[pos : pos + n])
         pos += n
     return out
 
@@ -136,17 +142,25 @@ def mother_bits(u: torch.Tensor) -> torch.Tensor:
 
 
 def dare_mask(
-    u: torch.Tensor, father: bool, q: int, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None
+    u: torch.Tensor,
+    father: bool,
+    q: int | torch.Tensor,
+    out: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float 1.0/0.0 mask: the father's (high) or mother's (low) 16 bits of ``u`` below ``q``.
-    ``tmp``: an int32 scratch tensor of u's size (optional).
+    ``q``: one threshold (``keep_threshold``, below 65536 for the father), or an int32 tensor of one
+    per element (0..65536; 65536 keeps every element). ``tmp``: an int32 scratch tensor of u's size
+    (optional).
 
-    The father's draw ``father_bits(u) = (u >> 16) + 32768`` is compared as ``(u >> 16) < q - 32768``,
-    i.e. ``u < (q - 32768) * 65536`` (floor(u / 2^16) < t iff u < t * 2^16 for an integer t; in int32
-    range for q < 65536): one op.
+    With one threshold, the father's draw ``father_bits(u) = (u >> 16) + 32768`` is compared as
+    ``(u >> 16) < q - 32768``, i.e. ``u < (q - 32768) * 65536`` (floor(u / 2^16) < t iff u < t * 2^16
+    for an integer t; in int32 range for q < 65536): one op.
     """
     if out is None:
         out = torch.empty(u.shape, dtype=torch.float32, device=u.device)
+    if isinstance(q, torch.Tensor):
+        return torch.lt(father_bits(u) if father else mother_bits(u), q, out=out)
     if father:
         if not 0 <= q < 65536:
             raise ValueError(f"keep threshold q={q} outside [0, 65536) (density 1 draws no mask)")
