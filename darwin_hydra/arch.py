@@ -87,6 +87,13 @@ def tensor_info(name: str) -> TensorInfo:
     return TensorInfo(name, layer, FFN)
 
 
+def outside_decoder(name: str) -> bool:
+    """True for tensors outside the text decoder: vision/audio towers, their projectors into the text
+    model, multi-token-prediction heads (``mtp.*``). ``parents.outside_decoder`` decides where the
+    child takes them from."""
+    return bool(_NON_TEXT.search(name))
+
+
 def text_config(config: Any) -> Any:
     """The text decoder's config of a (possibly multimodal) config object or dict."""
     if isinstance(config, dict):

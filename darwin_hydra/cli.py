@@ -40,8 +40,31 @@ def _app(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    typed = prepare_run(cfg, run_dir, list(hc.overrides.task), hydra_cfg=hc)
-    run_pipeline(typed, run_dir)
+    try:
+        typed = prepare_run(cfg, run_dir, list(hc.overrides.task), hydra_cfg=hc)
+        run_pipeline(typed, run_dir)
+    except user_errors() as e:  # the message names the option, file or task: no traceback
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (e,), None)
+        for handler in logging.getLogger().handlers:  # into the run's log file; the console gets it once
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(f"darwin-hydra: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user fixes in the config or the inputs (their message says what and where); any
+    other exception is a bug or an environment failure and keeps its traceback."""
+    from darwin_hydra.config import ConfigError
+    from darwin_hydra.io.compat import IncompatibleParentsError
+    from darwin_hydra.io.resolve import ModelNotFoundError
+    from darwin_hydra.reproduce import CannotReproduceError
+    from darwin_hydra.search.fitness import DishonestEvaluationError
+    from darwin_hydra.stages.preflight import PreflightError
+    from darwin_hydra.stages.scan import NonFiniteParentError
+
+    return (ConfigError, PreflightError, ModelNotFoundError, IncompatibleParentsError, NonFiniteParentError,
+            DishonestEvaluationError, CannotReproduceError)
 
 
 def _on_sigterm(signum, frame) -> None:

@@ -98,7 +98,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from darwin_hydra.mri.config import probes_config
+    from darwin_hydra.config import ProbesConfig
     from darwin_hydra.mri.probes import load_probe_prompts
     from darwin_hydra.mri.scan import load_model, load_tokenizer
 
@@ -131,7 +131,7 @@ def main() -> None:
     for p in paths:
         models.append((str(p), load_model(p), load_tokenizer(p, paths[0])))
     if args.probes:
-        pc = probes_config(OmegaConf.load(args.probes))
+        pc = ProbesConfig(**OmegaConf.to_container(OmegaConf.load(args.probes)))
         prompts = load_probe_prompts(pc, resolve)
         args.batch_size, args.max_length = pc.batch_size, pc.max_length
     else:

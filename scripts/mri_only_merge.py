@@ -18,10 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main() -> None:
@@ -35,7 +33,7 @@ def main() -> None:
 
     from darwin_hydra.arch import tensor_info
     from darwin_hydra.evaluate.benchmark import evaluate_model
-    from darwin_hydra.mri.config import mri_config, probes_config
+    from darwin_hydra.config import compose
     from darwin_hydra.mri.scan import run_scan
     from darwin_hydra.zoo import default_cache_dir, ensure_zoo, load_metadata, resolve_zoo_uri
     from darwin_hydra.zoo.config import load_zoo_config
@@ -53,7 +51,6 @@ def main() -> None:
     params = child.state_dict()
     father = {k: v.clone() for k, v in params.items()}
     mother = AutoModelForCausalLM.from_pretrained(root / args.pair / "mother", dtype=torch.float32).state_dict()
-    L = child.config.num_hidden_layers
 
     def score(label: str, extra: str = "") -> None:
         res = evaluate_model(child, tok, tasks, root / "tasks")
@@ -69,7 +66,7 @@ def main() -> None:
         cells = [f"{100 * row.scores[s]:.1f}" for s in skills]
         print(f"| {label} | " + " | ".join(cells) + f" | **{100 * row.mean:.1f}** |  |", flush=True)
 
-    probes = probes_config(OmegaConf.load(CONF / "probes" / "zoo.yaml"))
+    probes = compose(["probes=zoo"]).probes
     base = f"zoo://{args.pair}/base"
     variants = [
         ("MRI `darwin_v6`, base, mother_skill=MATH (the default run)", "darwin_v6", base, ["MATH"]),
@@ -79,10 +76,7 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, preset, base_path, sets in variants:
-            # the presets interpolate the run's device and parents.dtype: set them as a run would
-            node = OmegaConf.load(CONF / "mri" / f"{preset}.yaml")
-            node.merge_with({"progress": False, "device": "cpu", "dtype": "float32"})
-            mri = mri_config(node)
+            mri = compose([f"mri={preset}", "mri.progress=false"]).mri
             res = run_scan(f"zoo://{args.pair}/father", f"zoo://{args.pair}/mother", probes, mri, resolve,
                            Path(tmp) / "cache", Path(tmp) / label[:12], mother_sets=sets, base_path=base_path)
             side = res.transplant

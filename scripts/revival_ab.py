@@ -26,15 +26,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from omegaconf import OmegaConf
 
     from darwin_hydra.arch import tensor_info
     from darwin_hydra.evaluate.benchmark import evaluate_model
     from darwin_hydra.evaluate.stats import paired_bootstrap
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
     from darwin_hydra.merge.engine import merge_to_disk
     from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
-    from darwin_hydra.mri.config import probes_config
+    from darwin_hydra.config import compose
     from darwin_hydra.mri.moe import moe_scan
     from darwin_hydra.mri.probes import load_probe_prompts
     from darwin_hydra.mri.scan import load_model
@@ -47,7 +46,7 @@ def main() -> None:
     n_layers = load_metadata(root)["pairs"]["moe"]["num_layers"]
     tok = AutoTokenizer.from_pretrained(root / "moe" / "father")
     # The plan a run makes: the MoE scan of each parent on the pooled zoo probe prompts, then revival_plan.
-    probes = probes_config(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "probes" / "zoo.yaml"))
+    probes = compose(["probes=zoo"]).probes
     prompts = load_probe_prompts(probes, lambda u: str(resolve_zoo_uri(u, cfg, default_cache_dir())))
     scans = {role: moe_scan(load_model(root / "moe" / role), tok, prompts, progress=False) for role in ("father", "mother")}
     plan = revival_plan(scans["father"], scans["mother"])

@@ -22,6 +22,6 @@ def test_push_needs_a_repo_id(tmp_path):
 
 
 def test_push_is_off_by_default():
-    from darwin_hydra.config import ExportConfig
+    from darwin_hydra.config import compose
 
-    assert ExportConfig().push_to_hub is False
+    assert compose([]).export.push_to_hub is False

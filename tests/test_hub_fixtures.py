@@ -21,6 +21,7 @@ from darwin_hydra.testing.hub import (
     INDEX_FILE,
     build_hub_model,
     hub_config,
+    image_inputs,
     perturbed_mother,
     real_config,
     save_hub_model,
@@ -298,25 +299,10 @@ def test_loads_with_the_named_class_and_generates(fathers, loaded, name):
     assert torch.equal(out, model.generate(**ids, max_new_tokens=3, do_sample=False))
 
 
-def _image_inputs(name: str, cfg):
-    """A small random image as each family's vision tower takes it, and a prompt with its placeholders."""
-    g = torch.Generator().manual_seed(0)
-    if name == GEMMA:  # 3x3 patches of 16x16 pixels, pooled 3x3 into one soft token
-        pixels = torch.rand(1, 9, 3 * 16 * 16, generator=g)
-        pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="xy"), -1).reshape(1, 9, 2)
-        ids = torch.tensor([[cfg.text_config.bos_token_id, cfg.boi_token_id, cfg.image_token_id, cfg.eoi_token_id, 9]])
-        return ids, dict(pixel_values=pixels, image_position_ids=pos)
-    # Qwen3.5: one frame pair (temporal patch 2) of 2x2 patches, merged 2x2 into one token
-    pixels = torch.randn(4, 3 * 2 * 16 * 16, generator=g)
-    ids = torch.tensor([[1, 2, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 3]])
-    return ids, dict(pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 2]]),
-                     mm_token_type_ids=(ids == cfg.image_token_id).int())
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_vision_tower_sees_an_image(loaded, name):
     model, _ = loaded[name]
-    ids, image = _image_inputs(name, model.config)
+    ids, image = image_inputs(name, model.config)
     with torch.no_grad():
         with_image = model(input_ids=ids, **image).logits
         text_only = model(input_ids=ids).logits

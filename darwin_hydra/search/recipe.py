@@ -86,12 +86,13 @@ def genome_ratio_map(
     t_hi: float | None,
     router_source: Sequence[str] | None = None,
     revive: Mapping[int, Sequence[int]] | None = None,
+    outside_decoder: str = "merge",
 ) -> RatioMap:
     """Per-tensor DARE-TIES recipes of a genome (``values`` = the space's genes).
 
     r(T) as in ``darwin_hydra.search.genome``; densities and merge_method_weight are genome-wide;
     tensors with r(T) < t_lo or > t_hi are transplanted whole from the father or the mother; then
-    the MoE rules (module doc).
+    the MoE rules (module doc); then ``outside_decoder`` (``apply_outside_decoder``).
     """
     genes = space.full(values)
     ratios = tensor_ratios(names, genes, r_mri, num_layers, space.n_blocks)
@@ -109,7 +110,27 @@ def genome_ratio_map(
         )
     if router_source or revive:
         recipes = apply_moe_rules(recipes, num_layers, router_source, revive, revive_gain(genes["revive_gain"]))
-    return RatioMap(recipes)
+    return RatioMap(apply_outside_decoder(recipes, outside_decoder))
+
+
+def apply_outside_decoder(recipes: Mapping[str, TensorRecipe], policy: str = "merge") -> dict[str, TensorRecipe]:
+    """Tensors outside the text decoder (``arch.outside_decoder``: vision/audio towers, projectors, MTP
+    heads) taken whole from the ``father`` or the ``mother``; ``merge`` leaves their recipes as they are."""
+    from darwin_hydra.arch import outside_decoder
+
+    if str(policy) == "merge":
+        return dict(recipes)
+    return {n: replace(r, source=str(policy)) if outside_decoder(n) else r for n, r in recipes.items()}
+
+
+def outside_decoder_rule(names: Sequence[str], policy: str) -> dict[str, str]:
+    """What ``outside_decoder`` adds to a hash: nothing when it changes no tensor (no tensor outside
+    the decoder, or ``merge``), so the children of text-only pairs keep the hashes they had."""
+    from darwin_hydra.arch import outside_decoder
+
+    if str(policy) == "merge" or not any(outside_decoder(n) for n in names):
+        return {}
+    return {"outside_decoder": str(policy)}
 
 
 def uniform_ratio_map(names: Sequence[str], ratio: float) -> RatioMap:
@@ -119,10 +140,11 @@ def uniform_ratio_map(names: Sequence[str], ratio: float) -> RatioMap:
 
 def hash_context(
     space: GenomeSpace, fingerprints: Mapping[str, str], r_mri: Mapping[str, float] | None, t_lo, t_hi,
-    router_source=None, revive=None,
+    router_source=None, revive=None, outside: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Everything besides the genes that decides the child, for ``genome_hash``."""
-    moe = {}
+    """Everything besides the genes that decides the child, for ``genome_hash``. ``outside``:
+    ``outside_decoder_rule``'s entry."""
+    moe = dict(outside or {})
     if router_source:
         moe["router_source"] = list(router_source)
     if revive:
@@ -162,8 +184,8 @@ def moe_rules(genome_cfg: Any, scan: Any) -> tuple[list[str] | None, dict[int, l
     return router_source, revive
 
 
-def hash_genome(space, values, fingerprints, r_mri, t_lo, t_hi, router_source=None, revive=None) -> str:
-    return genome_hash(values, hash_context(space, fingerprints, r_mri, t_lo, t_hi, router_source, revive))
+def hash_genome(space, values, fingerprints, r_mri, t_lo, t_hi, router_source=None, revive=None, outside=None) -> str:
+    return genome_hash(values, hash_context(space, fingerprints, r_mri, t_lo, t_hi, router_source, revive, outside))
 
 
 @dataclass(frozen=True)
@@ -181,18 +203,20 @@ class BreedingPlan:
     fingerprints: Mapping[str, str]
     router_source: tuple[str, ...] | None = None
     revive: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    outside_decoder: str = "merge"
 
     def hash(self, values: Mapping[str, float]) -> str:
         return hash_genome(self.space, values, self.fingerprints, self.r_mri, self.t_lo, self.t_hi,
-                           self.router_source, self.revive)
+                           self.router_source, self.revive, outside_decoder_rule(self.names, self.outside_decoder))
 
     def ratio_map(self, values: Mapping[str, float]) -> RatioMap:
         return genome_ratio_map(self.space, values, self.names, self.r_mri, self.num_layers, self.t_lo, self.t_hi,
-                                self.router_source, self.revive)
+                                self.router_source, self.revive, self.outside_decoder)
 
     def uniform(self, ratio: float) -> RatioMap:
-        """child = (1 - r) * father + r * mother for every tensor (the baselines)."""
-        return uniform_ratio_map(self.names, ratio)
+        """child = (1 - r) * father + r * mother for every tensor (the baselines), outside the decoder
+        as ``outside_decoder`` says."""
+        return RatioMap(apply_outside_decoder(uniform_ratio_map(self.names, ratio), self.outside_decoder))
 
     def for_genome(self, genes: Mapping[str, float], where: str = "genome") -> "BreedingPlan":
         """The plan a saved genome was found under (``space_for_genome``)."""

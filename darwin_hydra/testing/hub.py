@@ -458,3 +458,19 @@ def text_only_mother(src: str | Path, out_dir: str | Path, scale: float = 0.01, 
     model.to(torch.bfloat16).save_pretrained(out)
     _copy_side_files(src, out, tokenizer_only=True)
     return out
+
+
+def image_inputs(name: str, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A small random image as ``name``'s vision tower takes it, and a prompt with its placeholders:
+    (input_ids, the image's keyword arguments to the model's forward)."""
+    g = torch.Generator().manual_seed(0)
+    if name.startswith("gemma"):  # 3x3 patches of 16x16 pixels, pooled 3x3 into one token
+        pixels = torch.rand(1, 9, 3 * 16 * 16, generator=g)
+        pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="xy"), -1).reshape(1, 9, 2)
+        ids = torch.tensor([[cfg.text_config.bos_token_id, cfg.boi_token_id, cfg.image_token_id, cfg.eoi_token_id, 9]])
+        return ids, dict(pixel_values=pixels, image_position_ids=pos)
+    # Qwen3.5: one frame pair (temporal patch 2) of 2x2 patches, merged 2x2 into one token
+    pixels = torch.randn(4, 3 * 2 * 16 * 16, generator=g)
+    ids = torch.tensor([[1, 2, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 3]])
+    return ids, dict(pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 2]]),
+                     mm_token_type_ids=(ids == cfg.image_token_id).int())
