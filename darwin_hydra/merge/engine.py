@@ -5,7 +5,8 @@
   the parents' files straight into each tensor's place in the child's; memory is bounded by the
   workers' chunk buffers and the few tensors held whole (``max_inflight_bytes``), never the model.
 - in memory (``InMemoryMerger``): the child written into an already loaded model's parameters
-  (through ``darwin_hydra.io.layout.param_views``, fused MoE experts included), for search trials.
+  (through ``darwin_hydra.io.layout.param_views``, fused MoE experts included), for search trials;
+  the parents stay in their files there too, and a trial streams only the tensors it re-merges.
 
 Both call ``merge_named``: masks are a function of (genome_hash, tensor name, element index) and
 whole-tensor statistics are exact or summed in a fixed order, and every merge kernel runs with one
@@ -18,25 +19,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import multiprocessing
 import os
-import pickle
-import signal
-import sys
 import threading
 import time
-import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor, streams
 from darwin_hydra.merge.recipe import TensorRecipe, tensor_seed
+from darwin_hydra.merge.workers import init_worker, run_jobs, use_processes
 
-__all__ = ["InMemoryMerger", "NonFiniteTensorError", "merge_named", "merge_to_disk", "resolve_device"]
+__all__ = ["InMemoryMerger", "NonFiniteTensorError", "ParentTensors", "merge_named", "merge_to_disk", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +93,6 @@ def merging():
                     gc.enable()
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def merge_named(
     name: str,
     father: torch.Tensor,
@@ -124,9 +116,14 @@ def _check_map(names: list[str], ratio_map: Mapping[str, TensorRecipe], others: 
     for role, reader in others.items():
         if reader is None:
             continue
-        absent = [n for n in names if n not in reader]
+        # a tensor the recipe takes whole from the father needs nothing of the others
+        absent = [n for n in names if n not in reader and not _father_only(ratio_map[n])]
         if absent:
             raise KeyError(f"the {role} checkpoint {reader.path} lacks {len(absent)} tensor(s), e.g. {absent[:5]}")
+
+
+def _father_only(recipe: TensorRecipe) -> bool:
+    return recipe.transplant_side() == "father" and not recipe.rows_from
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -138,10 +135,6 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return t
 
 
-# Tensors submitted ahead, per worker (within max_inflight_bytes): a worker never waits for work.
-# Each tensor holds nothing until a worker starts it (its output streams into its slot); those
-# that do not stream hold their inputs and output while merged.
-QUEUE_PER_WORKER = 8
 
 
 def merge_to_disk(
@@ -187,7 +180,7 @@ def merge_to_disk(
     """
     from tqdm.auto import tqdm
 
-    from darwin_hydra.io.checkpoint import CheckpointWriter
+    from darwin_hydra.io.writer import CheckpointWriter
     from darwin_hydra.faults import fault_point
 
     t0 = time.perf_counter()
@@ -196,17 +189,17 @@ def merge_to_disk(
     dev = resolve_device(device)
     out_dtype = _dtype(dtype)
     n_workers = resolve_workers(workers)
-    forked = _use_processes(processes, dev, n_workers)
+    forked = use_processes(processes, dev, n_workers)
 
     readers = [r for r in (father, mother, base) if r is not None]
-    # chunk-streamed merges read their parents straight from the files (methods.Parents), CPU only
+    # chunk-streamed merges read their parents straight from the files (chunks.Parents), CPU only
     can_stream = dev.type == "cpu" and all(getattr(r, "format", None) == "safetensors" for r in readers)
 
     def streamed(name: str) -> bool:
         return can_stream and streams(ratio_map[name]) and father.dtype(name).is_floating_point
 
     def parent(reader, name: str, stream: bool):
-        if reader is None:
+        if reader is None or (reader is not father and _father_only(ratio_map[name])):
             return None
         if not stream:
             return reader.get(name)
@@ -221,7 +214,7 @@ def merge_to_disk(
     def job(name: str, slot) -> str:
         """Merge ``name`` into its reserved slot; its sha256. A streamed tensor goes a chunk at a
         time, with no output tensor."""
-        from darwin_hydra.io.checkpoint import SlotWriter, storable, write_slot
+        from darwin_hydra.io.writer import SlotWriter, storable, write_slot
 
         stream = streamed(name)
         # (merge_tensor returns an integer tensor as the father's, whatever out_dtype says)
@@ -252,7 +245,7 @@ def merge_to_disk(
     ) as writer:
         bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
         slots = {n: writer.reserve(n, stored_dtype(n), father.shape(n)) for n in names}
-        done = _export(names, job, slots, cost, n_workers, max_inflight_bytes, forked, readers)
+        done = run_jobs(names, job, slots, cost, n_workers, max_inflight_bytes, forked, readers)
         try:
             for name, sha in done:
                 writer.fill(name, sha)
@@ -269,148 +262,87 @@ def merge_to_disk(
     return Path(out_dir)
 
 
-def _use_processes(processes: bool | None, dev: torch.device, n_workers: int) -> bool:
-    """Whether the export forks worker processes (``merge_to_disk``'s ``processes``)."""
-    if processes is False or (processes is None and n_workers < 2):
-        return False
-    if dev.type != "cpu":
-        if processes:
-            raise ValueError(f"merge.processes=true merges on the CPU only (merge.device={dev}); use threads")
-        return False
-    can_fork = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
-    if multiprocessing.current_process().daemon:  # a daemonic process may not have children
-        can_fork = False
-    if processes and not can_fork:
-        raise ValueError(
-            f"merge.processes=true needs fork on Linux, outside a daemonic process (this is {sys.platform}): "
-            "set it to null or false"
-        )
-    return can_fork
+class ParentTensors:
+    """One parent as the in-memory mode reads it: a ``CheckpointReader`` left in its files (a tensor
+    is a ``StoredTensor``, read a chunk at a time through the page cache when merged, never copied
+    whole) or a mapping name -> tensor held in memory (tests, small callers)."""
+
+    def __init__(self, source, role: str, device: torch.device | None = None):
+        self.role = role
+        self.absent: set[str] = set()  # the model's tensors this parent lacks (set by InMemoryMerger)
+        self.reader = source if hasattr(source, "stored") else None
+        self.tensors = None
+        if self.reader is None:
+            self.tensors = {n: (t.to(device) if device is not None else t) for n, t in source.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self.reader if self.reader is not None else self.tensors)
+
+    def names(self) -> list[str]:
+        return list(self.reader.names) if self.reader is not None else list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.reader.shape(name) if self.reader is not None else self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name) if self.reader is not None else self.tensors[name].dtype
+
+    def tensor(self, name: str):
+        """What ``merge_named`` takes: the stored tensor (safetensors), else the tensor itself."""
+        if self.reader is None:
+            return self.tensors[name]
+        return self.reader.stored(name) if self.reader.format == "safetensors" else self.reader.get(name)
+
+    def whole(self, name: str) -> torch.Tensor:
+        """The whole tensor in memory (the small-model batch, built once)."""
+        return self.tensors[name] if self.reader is None else self.reader.get(name)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this parent holds in this process (0 when it is left in its files)."""
+        return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-# In a forked export worker: (job, slots) of the merge that forked it (set by _forked_init).
-_forked_export = None
+class _Whole(Mapping):
+    """name -> whole tensor of a ``ParentTensors`` (what ``BatchedParents`` reads once)."""
 
+    def __init__(self, parent: ParentTensors, names: list[str]):
+        self.parent, self._names = parent, names
 
-def _forked_init(job, slots, parent: int, readers) -> None:
-    global _forked_export
-    _forked_export = (job, slots)
-    for r in readers:  # a worker may die of a truncated parent (SIGBUS): the export then stops with an error
-        if getattr(r, "format", None) == "safetensors":
-            r.map_files()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the parent: terminate() ends us
-    _die_with_parent(parent)
-    torch.set_num_threads(1)
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.parent.whole(name)
 
+    def __iter__(self):
+        return iter(self._names)
 
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this worker when the merging process dies (killed, out of memory): its
-    pipes stay open in the other workers, so an orphaned worker would otherwise wait forever."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        failed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0
-    except (OSError, AttributeError):
-        failed = True
-    if failed:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: an export worker may outlive a killed merge")
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _forked_job(name: str) -> str:
-    """Merge ``name`` into its slot; its sha256. An error that cannot cross the pipe (an exception
-    that does not unpickle) comes back as a RuntimeError with its type and message."""
-    job, slots = _forked_export
-    try:
-        return job(name, slots[name])
-    except Exception as e:
-        try:
-            pickle.loads(pickle.dumps(e))
-        except Exception:
-            raise RuntimeError(f"{type(e).__name__}: {e}") from None
-        raise
-
-
-def _export(names, job, slots, cost, n_workers: int, max_inflight_bytes: int, forked: bool, readers=()):
-    """Merge every tensor into its reserved slot on ``n_workers`` threads, or processes forked from
-    this one (``forked``); yield (name, sha256) as each is written, in any order. Forked workers get
-    the job and the parents' readers by fork, not pickling: only names and digests cross the pipes."""
-    if forked:
-        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_forked_init, initargs=(job, slots, os.getpid(), readers))
-
-        def submit(name):
-            with warnings.catch_warnings():  # Python 3.12+ warns on any fork of a threaded process;
-                # the workers only merge, read and write files (no locks of other threads)
-                warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-                return pool.submit(_forked_job, name)
-    else:
-        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="merge", initializer=_init_worker)
-
-        def submit(name):
-            return pool.submit(job, name, slots[name])
-
-    running: dict = {}
-    ok = False
-    try:
-        inflight = 0
-        it = iter(names)
-        pending = next(it, None)
-        while pending is not None or running:
-            while pending is not None and (
-                not running
-                or (len(running) < QUEUE_PER_WORKER * n_workers and inflight + cost(pending) <= max_inflight_bytes)
-            ):
-                c = cost(pending)
-                running[submit(pending)] = (pending, c)
-                inflight += c
-                pending = next(it, None)
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                name, c = running[fut]
-                try:
-                    sha = fut.result()
-                except BrokenProcessPool:
-                    raise
-                except Exception as e:
-                    e.add_note(f"(while merging tensor {name!r})")
-                    raise
-                del running[fut]
-                inflight -= c
-                yield name, sha
-        ok = True
-    except BrokenProcessPool as e:
-        queued = [n for n, _ in running.values()]
-        raise RuntimeError(
-            f"an export worker process died (killed, out of memory, or a parent's file truncated while it was "
-            f"read?) with {len(queued)} tensor(s) submitted, e.g. {queued[:4]}; nothing was written to the output "
-            "directory"
-        ) from e
-    finally:
-        for fut in running:
-            fut.cancel()
-        if forked and not ok:  # an error or Ctrl-C: stop the workers now rather than after their tensors
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class InMemoryMerger:
     """Writes children into one loaded model, trial after trial.
 
-    ``father``/``mother``/``base``: name -> tensor (canonical on-disk names), read once, checked
-    for NaN/Inf once, and kept (on ``device`` when it is CUDA, unless ``parents_on_device=False``).
-    ``apply`` re-merges only the tensors whose recipe changed since the last call (or whose random
-    masks changed with the genome hash) and copies them into the model's parameters in place.
+    ``father``/``mother``/``base``: each a ``CheckpointReader`` (the parents stay in their files: a
+    trial reads only the tensors it re-merges, a chunk at a time through the page cache, which every
+    process on the machine shares) or a mapping name -> tensor (held as given; on ``device`` when
+    that is CUDA, unless ``parents_on_device=False``). ``apply`` re-merges only the tensors whose
+    recipe changed since the last call (or whose random masks changed with the genome hash) and
+    writes them into the model's parameters in place: a merged tensor goes chunk by chunk from the
+    parents to its parameter (the export's kernel with a sink that writes into the parameter: no
+    output tensor), merged on that parameter's device (a model spread over several devices by a
+    ``device_map`` is written device by device), unless ``device`` names one merge device for all.
 
-    Speed: a small model (at most ``BATCH_MAX_ELEMENTS`` floats) is also kept concatenated, and
-    dare_ties / dare_linear / task_arithmetic recipes (Darwin's genome) are merged for all tensors
-    at once (``batched``: one trial is ~30 torch calls instead of ~40 a tensor); other recipes, and
-    big models, go tensor by tensor, over ``workers`` threads (0 = one per core) when there is
-    enough work. Both paths give the same bits as ``merge_to_disk``.
+    Memory: the model, each worker's chunk buffers, and a transplanted tensor while it is copied;
+    parents held in memory only when given as mappings. Their NaN/Inf are checked here for mappings;
+    for readers by each merge, as the export does (the output chunks' sum), and before that by the
+    scan stage's static pass over every parent tensor.
+
+    Speed: a small model (at most ``BATCH_MAX_ELEMENTS`` floats, on one device) is also kept
+    concatenated in float32 (read whole once, at most 4M floats x 3 parents: ~50 MB), and dare_ties
+    / dare_linear / task_arithmetic recipes (Darwin's genome) are merged for all tensors at once
+    (``batched``: one trial is ~30 torch calls instead of ~40 a tensor); other recipes, and big
+    models, go tensor by tensor, over ``workers`` threads (0 = one per core) when there is enough
+    work. Every path gives the same bits as ``merge_to_disk``.
     """
 
     PARALLEL_MIN_ELEMENTS = 1 << 22
@@ -419,60 +351,102 @@ class InMemoryMerger:
     def __init__(
         self,
         model,
-        father: Mapping[str, torch.Tensor],
-        mother: Mapping[str, torch.Tensor],
-        base: Mapping[str, torch.Tensor] | None = None,
-        device: str = "cpu",
+        father,
+        mother,
+        base=None,
+        device: str | None = None,
         workers: int = 0,
         parents_on_device: bool | None = None,
     ):
         from darwin_hydra.io.layout import param_views
         from darwin_hydra.merge.batched import BatchedParents
-        from darwin_hydra.merge.methods import check_finite
+        from darwin_hydra.merge.chunks import check_finite
 
         self.model = model
-        self.views = param_views(model)
-        self.device = resolve_device(device)
-        stage = self.device.type == "cuda" if parents_on_device is None else parents_on_device
-
-        def keep(tensors):
-            if tensors is None:
-                return None
-            return {n: (t.to(self.device) if stage else t) for n, t in tensors.items()}
-
-        self.father, self.mother, self.base = keep(father), keep(mother), keep(base)
-        missing = sorted(set(self.views) - set(self.father))
-        extra = sorted(set(self.father) - set(self.views))
-        if missing or extra:
-            raise KeyError(
-                f"the loaded model and the parents' tensors differ: model-only {missing[:5]}, parents-only {extra[:5]}"
+        self.views = views = param_views(model)
+        offloaded = [n for n, v in views.items() if v.device.type == "meta"]
+        if offloaded:
+            raise ValueError(
+                f"{len(offloaded)} tensor(s) of the trial model have no device memory (offloaded by the device_map, e.g. "
+                f"{offloaded[:3]}): a trial writes into every parameter, so the model must fit on its devices; raise "
+                "memory.max_memory or use more GPUs"
             )
-        for role, tensors in (("father", self.father), ("mother", self.mother), ("base", self.base)):
-            if tensors is None:
-                continue
-            if set(tensors) != set(self.father):
-                raise KeyError(f"the {role}'s tensors differ from the father's: {sorted(set(tensors) ^ set(self.father))[:5]}")
-            for n, t in tensors.items():  # once here, so that no trial pays for it
-                check_finite(t, role, n)
-        floats = [n for n in self.views if self.father[n].is_floating_point()]
-        small = sum(self.father[n].numel() for n in floats) <= self.BATCH_MAX_ELEMENTS
-        self.batch = BatchedParents(floats, self.father, self.mother, self.base, self.device) if small and floats else None
+        self.device = resolve_device(device) if device is not None else None
+        stage = self.device is not None and self.device.type == "cuda" if parents_on_device is None else parents_on_device
+        to = self.device if stage else None
+        self.father = ParentTensors(father, "father", to)
+        self.mother = ParentTensors(mother, "mother", to)
+        self.base = None if base is None else ParentTensors(base, "base", to)
+        parents = [p for p in (self.father, self.mother, self.base) if p is not None]
+        if self.father.reader is None:
+            missing = sorted(set(views) - set(self.father.names()))
+            extra = sorted(set(self.father.names()) - set(views))
+            if missing or extra:
+                raise KeyError(f"the loaded model and the parents' tensors differ: model-only {missing[:5]}, "
+                               f"parents-only {extra[:5]}")
+        for p in parents:
+            # the mother and the base may lack tensors a recipe takes whole from the father (a text-only
+            # mother beside a multimodal father: the vision tower); apply checks each trial's recipes
+            p.absent = {n for n in views if n not in p}
+            if p.absent and p is self.father:
+                raise KeyError(f"the father's tensors lack {len(p.absent)} of the model's, e.g. {sorted(p.absent)[:5]}")
+            bad = [n for n, v in views.items() if n not in p.absent and p.shape(n) != tuple(v.shape)]
+            if bad:
+                n = bad[0]
+                raise ValueError(f"the {p.role}'s tensor {n!r} has shape {p.shape(n)}, the model's {tuple(views[n].shape)}")
+            if p.tensors is not None:
+                for n, t in p.tensors.items():  # once here, so that no trial pays for it
+                    check_finite(t, p.role, n)
+        self._partial = [p for p in parents if p.absent]
+        # the batch: float tensors every parent holds
+        floats = [n for n in views if self.father.dtype(n).is_floating_point and not any(n in p.absent for p in parents)]
+        devices = {views[n].device for n in floats}
+        batch_device = self.device or (devices.pop() if len(devices) == 1 else None)
+        small = sum(views[n].numel() for n in floats) <= self.BATCH_MAX_ELEMENTS
+        self.batch = None
+        if small and floats and batch_device is not None:
+            self.batch = BatchedParents(floats, _Whole(self.father, floats), _Whole(self.mother, floats),
+                                        None if self.base is None else _Whole(self.base, floats), batch_device)
         self.workers = resolve_workers(workers)
         self._last: dict[str, tuple] = {}
         self.merged_last = 0
         self.seconds_last = 0.0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of parents this merger holds in memory (mappings, and the small-model batch)."""
+        held = sum(p.held_bytes for p in (self.father, self.mother, self.base) if p is not None)
+        return held + (self.batch.nbytes if self.batch is not None else 0)
+
     def _merge(self, name: str, recipe: TensorRecipe, genome_hash: str) -> None:
-        out = merge_named(
-            name,
-            self.father[name],
-            self.mother[name],
-            self.base[name] if self.base is not None else None,
-            recipe,
-            genome_hash,
-            self.device,
-        )
-        self.views[name].copy_(out)
+        """Merge ``name`` into its parameter: chunk by chunk into the parameter's memory when the recipe
+        streams, else (a transplant, copied rows, an integer tensor) through one output tensor."""
+        from darwin_hydra.merge.chunks import is_stored
+
+        view = self.views[name]
+        dev = self.device or view.device
+        parents = [p.tensor(name) if p is not None and name not in p.absent else None
+                   for p in (self.father, self.mother, self.base)]
+        # the child in the father's dtype, as exported, then into the parameter (a float32 trial model holds
+        # the bf16 child exactly)
+        args = (*parents, recipe, genome_hash, dev, self.father.dtype(name))
+        try:
+            if streams(recipe) and self.father.dtype(name).is_floating_point and view.is_contiguous():
+                flat = view.view(-1)
+                at = [0]
+
+                def sink(piece: torch.Tensor) -> None:
+                    n = piece.numel()
+                    flat[at[0] : at[0] + n].copy_(piece)
+                    at[0] += n
+
+                merge_named(name, *args, sink=sink)
+            else:
+                view.copy_(merge_named(name, *args))
+        finally:
+            for t in parents:
+                if is_stored(t):
+                    t.release()  # a mapping reader's pages of this tensor leave this process's RSS
 
     @torch.no_grad()
     def apply(self, ratio_map: Mapping[str, TensorRecipe], genome_hash: str) -> int:
@@ -486,6 +460,11 @@ class InMemoryMerger:
             key = (recipe, genome_hash if recipe.random else None)
             if self._last.get(name) != key:
                 todo.append((name, recipe, key))
+        for p in self._partial:
+            lacking = [n for n, r, _ in todo if n in p.absent and not _father_only(r)]
+            if lacking:
+                raise KeyError(f"the {p.role} checkpoint lacks {len(lacking)} tensor(s) this trial merges, e.g. "
+                               f"{lacking[:5]}: only tensors taken whole from the father may be missing there")
         groups: dict[tuple, dict[str, TensorRecipe]] = {}
         single = []
         for name, recipe, _ in todo:
@@ -494,14 +473,14 @@ class InMemoryMerger:
                 single.append((name, recipe))
             else:
                 groups.setdefault(group, {})[name] = recipe
-        work = sum(self.father[n].numel() for n, _ in single)
+        work = sum(self.views[n].numel() for n, _ in single)
         try:
             with merging():
                 for recipes in groups.values():
                     for name, out in self.batch.merge(recipes, genome_hash).items():
                         self.views[name].copy_(out.view(self.views[name].shape))
                 if self.workers > 1 and work >= self.PARALLEL_MIN_ELEMENTS and len(single) > 1:
-                    with ThreadPoolExecutor(self.workers, thread_name_prefix="merge", initializer=_init_worker) as pool:
+                    with ThreadPoolExecutor(self.workers, thread_name_prefix="merge", initializer=init_worker) as pool:
                         futs = [pool.submit(self._merge, n, r, genome_hash) for n, r in single]
                         for f in futs:
                             f.result()

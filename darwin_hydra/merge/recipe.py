@@ -30,7 +30,7 @@ class TensorRecipe:
     ``source`` forces a whole tensor from "father" or "mother" whatever r is (router source,
     revived experts); ``rows_from`` copies listed rows from a parent after merging or
     transplanting, scaled to the mean row norm of the child's other rows times ``rows_gain`` (the
-    router rows of revived experts; ``methods._rows_from``).
+    router rows of revived experts; see ``methods.merge_tensor``).
     """
 
     method: str = "dare_ties"

@@ -21,15 +21,19 @@ e.g. L=8: 36 vs 64; L=40: 820 vs 1600; L=64: 2080 vs 4096.
 The same pass gives ShortGPT's block influence for free: BI(l) = 1 - cos(h_l, h_{l+1}), reduced over
 tokens the same way.
 
-Delta probe (optional, ``reference=`` another model of the same architecture: the base both parents
-descend from, or the other parent when there is none)::
+Delta probe (optional, ``reference=`` the checkpoint of another model of the same architecture: the
+base both parents descend from, or the other parent when there is none)::
 
     D_p(l) = mean over prompts of  d( f(x), f_{l <- ref}(x) )
 
 the distance when layer l is replaced by the reference's layer l (same inputs, same extra arguments):
 how much this model's own version of layer l -- what its training changed there -- matters for p.
 D is exactly 0 at layers whose weights equal the reference's. It rides on the same cached prefix:
-L-l more layer evaluations for each l, L(L+1)/2 per batch.
+L-l more layer evaluations for each l, L(L+1)/2 per batch. The reference is never loaded whole: its
+layer l is read from its checkpoint into the model's own layer l in place (the model's weights of
+that layer saved and put back after the call, ``ReferenceLayers``), so the scan holds one model and
+one extra layer, on whatever devices the model is spread over. (A reference given as a loaded model
+is used as it is.)
 
 Side effects of a skipped layer: a layer that writes into a state shared with later layers (Gemma 4's
 KV sharing dict) is treated as in the "output replaced by input" definition: the replay of layers
@@ -38,6 +42,7 @@ l+1.. starts from the shared state as it was after layer l ran in the full pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -180,6 +185,94 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device
 
 
 # --------------------------------------------------------------------------------------------------
+# the delta probe's reference, a layer at a time
+
+
+class ReferenceLayers:
+    """The reference's decoder layers as the delta probe calls them: ``swapped(l)`` gives the model's
+    own layer l holding the reference's weights, read from ``reader`` (the reference checkpoint: the
+    same architecture and tensor names) into the layer's parameters in place; the model's own weights
+    of that layer are saved first and put back when the block exits. Memory: one layer twice, never a
+    second model. The weights arrive exactly as ``from_pretrained`` would place them (``io.layout``'s
+    views: fused MoE experts included; cast to the parameter's dtype like a load)."""
+
+    def __init__(self, model: nn.Module, reader):
+        import bisect
+
+        from darwin_hydra.io.layout import param_views
+
+        _, self.layers, _ = text_decoder(model)
+        views = param_views(model)
+        # which layer a view's memory belongs to (parameters may share one storage, e.g. a mapped file)
+        spans: dict[torch.device, list[tuple[int, int, int]]] = {}  # device -> (start, end, layer), sorted
+        for i, layer in enumerate(self.layers):
+            for t in list(layer.parameters()) + list(layer.buffers()):
+                if t.device.type == "meta":
+                    raise ValueError(f"delta probe: decoder layer {i} has weights offloaded (meta); the reference is "
+                                     "swapped into the model's own layers, which must live on a device")
+                if t.numel():
+                    spans.setdefault(t.device, []).append((t.data_ptr(), t.data_ptr() + t.nbytes, i))
+        starts = {}
+        for dev, sp in spans.items():
+            sp.sort()
+            starts[dev] = [s[0] for s in sp]
+        self.names: list[list[str]] = [[] for _ in self.layers]
+        self.views = {}
+        for name, v in views.items():
+            if not v.numel() or v.device not in spans:
+                continue
+            j = bisect.bisect_right(starts[v.device], v.data_ptr()) - 1
+            if j >= 0 and v.data_ptr() + v.numel() * v.element_size() <= spans[v.device][j][1]:
+                self.names[spans[v.device][j][2]].append(name)
+                self.views[name] = v
+        absent = [n for names in self.names for n in names if n not in reader]
+        if absent:
+            raise KeyError(f"delta probe: the reference checkpoint {getattr(reader, 'path', reader)} lacks the model's "
+                           f"layer tensor(s) {absent[:5]}")
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def swapped(self, l: int):
+        names = self.names[l]
+        own = {n: self.views[n].clone() for n in names}
+        try:
+            for n in names:
+                self.views[n].copy_(self.reader.get(n))
+            yield self.layers[l]
+        finally:
+            for n, t in own.items():
+                self.views[n].copy_(t)
+
+
+class _LoadedLayers:
+    """A loaded reference model's layers (or a list of layers) behind ``ReferenceLayers``'s interface."""
+
+    def __init__(self, reference: nn.Module):
+        reference.eval()
+        self.layers = reference if isinstance(reference, nn.ModuleList) else text_decoder(reference)[1]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def swapped(self, l: int):
+        yield self.layers[l]
+
+
+def as_reference(model: nn.Module, reference) -> ReferenceLayers | _LoadedLayers | None:
+    """The delta probe's reference: None, a ``CheckpointReader`` (swapped in a layer at a time), or a
+    loaded model or its decoder layers."""
+    if reference is None:
+        return None
+    if isinstance(reference, nn.Module):
+        return _LoadedLayers(reference)
+    return ReferenceLayers(model, reference)
+
+
+# --------------------------------------------------------------------------------------------------
 # the scan
 
 
@@ -188,12 +281,15 @@ def skip_layer_distances(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     reduce: str = "mean",
-    reference_layers: nn.ModuleList | None = None,
+    reference_layers: ReferenceLayers | _LoadedLayers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
     """For one tokenized batch: (S, BI, D, layer evaluations) with S[l, b] = distance of prompt b's final
     hidden state when layer l is skipped, BI[l, b] = 1 - cos(h_l, h_{l+1}), D[l, b] the distance when
-    layer l is replaced by ``reference_layers[l]`` (None without reference), and the layer evaluations
-    of the skip and of the delta probe; prefix-shared (module doc)."""
+    layer l is replaced by the reference's layer l (``reference_layers``: ``as_reference``'s, or the
+    reference's decoder layers; None without reference), and the layer evaluations of the skip and of
+    the delta probe; prefix-shared (module doc)."""
+    if isinstance(reference_layers, nn.ModuleList):
+        reference_layers = _LoadedLayers(reference_layers)
     owner, layers, norm = text_decoder(model)
     L = len(layers)
     if reference_layers is not None and len(reference_layers) != L:
@@ -239,7 +335,8 @@ def skip_layer_distances(
         if delta is not None:
             # layer l replaced by the reference's, fed exactly what the model's own layer l got
             state = {k: copy.copy(v) for k, v in calls[l].state.items()}
-            h = _call_layer(reference_layers[l], calls[l], inputs[l], state)
+            with reference_layers.swapped(l) as ref_layer:
+                h = _call_layer(ref_layer, calls[l], inputs[l], state)
             for j in range(l + 1, L):
                 h = _call_layer(layers[j], calls[j], h, state)
             delta_evals += L - l
@@ -266,22 +363,21 @@ def layer_importance(
     batch_size: int = 16,
     reduce: str = "mean",
     progress: bool = True,
-    reference: nn.Module | None = None,
+    reference=None,
 ) -> ProbeScan:
     """Importance of every decoder layer for every probe set (module doc for the formula and the
     prefix sharing). ``prompts`` maps a probe-set name to its prompts. Works on dense, MoE and hybrid
-    (Gated DeltaNet) decoders and on multimodal wrappers (the text decoder's layers). With
-    ``reference`` (same architecture, same device), also the delta probe D_p(l)."""
+    (Gated DeltaNet) decoders and on multimodal wrappers (the text decoder's layers), whole on one
+    device or spread over several by a device_map. With ``reference`` (the reference's
+    ``CheckpointReader``, swapped in a layer at a time; or a loaded model of the same architecture on
+    the same devices), also the delta probe D_p(l)."""
     if reduce not in ("mean", "last"):
         raise ValueError(f"probe reduce={reduce!r}: choose 'mean' or 'last'")
     model.eval()
     device = next(model.parameters()).device
     _, layers, _ = text_decoder(model)
     L = len(layers)
-    ref_layers = None
-    if reference is not None:
-        reference.eval()
-        _, ref_layers, _ = text_decoder(reference)
+    ref_layers = as_reference(model, reference)
     start = time.perf_counter()
     importance, influence, deltas, n_prompts, n_tokens = {}, {}, {}, {}, {}
     evals = delta_evals = batches = 0

@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from darwin_hydra.arch import is_moe, tensor_info
 from darwin_hydra.io.atomic import write_text_atomic
+from darwin_hydra.models import load_model, load_tokenizer  # noqa: F401 - the stages' loaders
 from darwin_hydra.faults import fault_point
 from darwin_hydra.mri.config import MriConfig, ProbesConfig
 from darwin_hydra.mri.moe import MoeScan, moe_scan
@@ -44,38 +43,21 @@ SCANS_RUN = {"static": 0, "probe": 0, "moe": 0}
 # reading checkpoints
 
 
-def open_reader(path: str | Path):
-    """The I/O layer's streaming reader of a checkpoint (``.names``, ``.get``, ``.fingerprint``)."""
-    from darwin_hydra.io.checkpoint import CheckpointReader
+def open_reader(path: str | Path, layout: str | Path | None = None):
+    """The I/O layer's streaming reader of a checkpoint (``.names``, ``.get``, ``.fingerprint``), its
+    names in the layout of the checkpoint at ``layout`` when the two differ (a text-only causal LM
+    beside a multimodal wrapper: ``io.layouts``)."""
+    from darwin_hydra.io.layouts import layout_mapping
+    from darwin_hydra.io.reader import CheckpointReader
 
-    return CheckpointReader(path)
-
-
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """A parent as a transformers causal LM (``trust_remote_code=False``), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"mri.dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, trust_remote_code=False)
-    except Exception as e:
-        raise RuntimeError(f"{path}: could not load the model with transformers ({type(e).__name__}: {e})") from e
-    return model.to(device).eval()
+    reader = CheckpointReader(path)
+    if layout is not None and Path(layout) != Path(path):
+        rename = layout_mapping(CheckpointReader(layout).names, reader.names)
+        if rename is not None:
+            reader = CheckpointReader(path, rename=rename)
+    return reader
 
 
-def load_tokenizer(*paths: str | Path):
-    """The first tokenizer found among ``paths`` (the father's, else the mother's)."""
-    from transformers import AutoTokenizer
-
-    errors = []
-    for p in paths:
-        try:
-            return AutoTokenizer.from_pretrained(str(p))
-        except Exception as e:  # no tokenizer files here: try the next parent
-            errors.append(f"{p}: {type(e).__name__}: {e}")
-    raise FileNotFoundError("no tokenizer found for the probe scan; tried " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,28 +349,22 @@ def _scan_parent(model, reference, tokenizer, prompts, probes: ProbesConfig, cfg
     return probe, moe
 
 
-def _probe_both(father: Path, mother: Path, base: Path | None, tokenizer, prompts, probes, cfg: MriConfig):
-    """Probe (and MoE) scans of both parents. The delta probe's reference is the base when given, else
-    the other parent; without the delta probe one model is in memory at a time, with it two."""
-    load = lambda p: load_model(p, cfg.dtype, cfg.device)  # noqa: E731
-    if not cfg.delta_probe:
-        out = []
-        for role, path in (("father", father), ("mother", mother)):
-            model = load(path)
-            out.append(_scan_parent(model, None, tokenizer, prompts, probes, cfg, role))
-            del model
-        return out
-    if base is not None:
-        ref = load(base)
-        out = []
-        for role, path in (("father", father), ("mother", mother)):
-            model = load(path)
-            out.append(_scan_parent(model, ref, tokenizer, prompts, probes, cfg, role))
-            del model
-        return out
-    a, b = load(father), load(mother)
-    return [_scan_parent(a, b, tokenizer, prompts, probes, cfg, "father"),
-            _scan_parent(b, a, tokenizer, prompts, probes, cfg, "mother")]
+def _probe_both(father: Path, mother: Path, base: Path | None, tokenizer, prompts, probes, cfg: MriConfig,
+                trust_remote_code: bool = False, memory=None):
+    """Probe (and MoE) scans of both parents, one model in memory at a time (whole on ``cfg.device``, or
+    spread by ``memory.device_map``). The delta probe's reference, the base when given, else the other
+    parent, is read from its checkpoint a layer at a time into the scanned model (``ReferenceLayers``):
+    never a second whole model."""
+    from darwin_hydra.memory import placement
+
+    out = []
+    for role, path, other in (("father", father, mother), ("mother", mother, father)):
+        # the reference in the scanned model's layout (a text-only mother's names differ from a multimodal father's)
+        reference = open_reader(base if base is not None else other, layout=path) if cfg.delta_probe else None
+        model = load_model(path, cfg.dtype, trust_remote_code=trust_remote_code, **placement(memory, cfg.device))
+        out.append(_scan_parent(model, reference, tokenizer, prompts, probes, cfg, role))
+        del model
+    return out
 
 
 @dataclass
@@ -413,9 +389,9 @@ class _ScanInputs:
             if p is not None and not p.is_dir():
                 raise FileNotFoundError(f"MRI: the {role} checkpoint {p} is not a directory")
         prompts = load_probe_prompts(probes, resolve)
-        fps = {"father": open_reader(father).fingerprint(), "mother": open_reader(mother).fingerprint()}
+        fps = {"father": open_reader(father).fingerprint(), "mother": open_reader(mother, father).fingerprint()}
         if base is not None and cfg.delta_probe:
-            fps["base"] = open_reader(base).fingerprint()
+            fps["base"] = open_reader(base, father).fingerprint()
         key = cache_key(fps["father"], fps["mother"], probes, prompts, cfg, fps.get("base"))
         return cls(father, mother, base, prompts, fps, key)
 
@@ -446,6 +422,8 @@ def run_scan(
     out_dir: str | Path | None = None,
     mother_sets: list[str] | None = None,
     base_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    memory=None,
 ) -> MriResult:
     """Model MRI of a parent pair: static scan (streamed), probe scan and MoE scan of each parent,
     the prescription r_mri, ``scan.json`` and charts in ``out_dir``.
@@ -457,13 +435,14 @@ def run_scan(
     mother is known to be better at (e.g. ``[parents.mother_skill]``); overrides ``mri.mother_sets``;
     None = that setting, else inferred from the scan. ``base_path``: the checkpoint both parents
     descend from (``parents.base``); the delta probe's reference (without it, each parent's reference
-    is the other parent).
+    is the other parent). ``trust_remote_code``: ``parents.trust_remote_code``. ``memory``: the run's
+    ``MemoryConfig`` (its device_map places each scanned model; None: whole on ``mri.device``).
     """
     probes, cfg = probes_cfg, mri_cfg
     inputs = _ScanInputs.of(father_path, mother_path, probes, cfg, resolve, base_path)
     father, mother, base, prompts, fps, key = (inputs.father, inputs.mother, inputs.base, inputs.prompts,
                                                inputs.fingerprints, inputs.key)
-    r_father, r_mother = open_reader(father), open_reader(mother)
+    r_father, r_mother = open_reader(father), open_reader(mother, father)
     weights = {k: v.weight for k, v in probes.sets.items()}
     cache_file = Path(cache_dir).expanduser() / f"mri-{key}.json" if cache_dir is not None else None
 
@@ -480,8 +459,9 @@ def run_scan(
         static = static_scan(r_father, r_mother, cfg.hist_bins, progress=cfg.progress, device=cfg.device)
         SCANS_RUN["static"] += 1
         fault_point("scan")
-        tokenizer = load_tokenizer(father, mother)
-        (probe_f, moe_f), (probe_m, moe_m) = _probe_both(father, mother, base, tokenizer, prompts, probes, cfg)
+        tokenizer = load_tokenizer(father, mother, trust_remote_code=trust_remote_code)
+        (probe_f, moe_f), (probe_m, moe_m) = _probe_both(father, mother, base, tokenizer, prompts, probes, cfg,
+                                                         trust_remote_code, memory)
         scans = {
             "format": CACHE_FORMAT,
             "seconds": time.perf_counter() - start,

@@ -1,24 +1,32 @@
 """A trial session: one loaded model whose weights are re-merged in place for every trial.
 
-The parents' tensors are read once; each trial writes its child into the same model through the
-merge engine's in-memory mode (no disk round trip), then scores it (proxy or benchmark).
+The parents stay in their files: each trial streams only the tensors whose recipe changed from the
+page cache, merges them a chunk at a time on the device of the parameter they go into and writes
+them there in place (the merge engine's in-memory mode; no disk round trip), then scores the model
+(proxy or benchmark). The trial model lives whole on ``device``, or spread over GPUs by
+``memory.device_map``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Mapping
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from darwin_hydra.models import ignored_on_load, load_model, load_tokenizer, model_devices
 from darwin_hydra.search.recipe import BreedingPlan
 
 log = logging.getLogger(__name__)
 
 
 class TrialSession:
-    """Holds the trial model, its tokenizer, the in-memory merger and the run's breeding plan."""
+    """Holds the trial model, its tokenizer, the in-memory merger and the run's breeding plan.
+
+    ``readers``: the parents' ``CheckpointReader``s by role (father, mother, base). ``memory``: the
+    run's ``MemoryConfig`` (its ``device_map`` and ``max_memory`` place the trial model; None: whole on
+    ``device``)."""
 
     def __init__(
         self,
@@ -27,23 +35,29 @@ class TrialSession:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         trust_remote_code: bool = False,
+        memory=None,
     ):
+        from darwin_hydra.memory import placement
         from darwin_hydra.merge.engine import InMemoryMerger
 
         self.readers = dict(readers)
         self.plan = plan
         father = self.readers["father"]
-        self.tokenizer = AutoTokenizer.from_pretrained(father.path, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            father.path, dtype=dtype, trust_remote_code=trust_remote_code
-        ).to(device)
-        self.model.eval()
-        tensors = {role: {n: r.get(n) for n in plan.names} for role, r in self.readers.items()}
-        self.merger = InMemoryMerger(
-            self.model, tensors["father"], tensors["mother"], tensors.get("base"), device=device
-        )
+        self.tokenizer = load_tokenizer(father.path, trust_remote_code=trust_remote_code)
+        self.model = load_model(father.path, dtype=str(dtype).removeprefix("torch."),
+                                trust_remote_code=trust_remote_code, **placement(memory, device))
+        # tensors the model's class does not hold (Qwen3.5's MTP head) take no part in a trial's forward pass:
+        # they are merged at export only
+        skip = [re.compile(p) for p in ignored_on_load(self.model)]
+        self.names = [n for n in plan.names if not any(p.search(n) for p in skip)]
+        if len(self.names) < len(plan.names):
+            log.info("trial model: %d tensor(s) its class does not load (%s) are merged at export only",
+                     len(plan.names) - len(self.names), [p.pattern for p in skip])
+        self.merger = InMemoryMerger(self.model, father, self.readers["mother"], self.readers.get("base"))
+        missing = sorted(set(self.merger.views) - set(self.names))
+        if missing:
+            raise KeyError(f"the trial model holds tensor(s) the breeding plan does not name: {missing[:5]}")
+        log.info("trial model on %s; parents read from their files for each trial", ", ".join(model_devices(self.model)))
 
     def apply_genome(self, values: Mapping[str, float]) -> str:
         """Write the genome's child into the trial model; return its genome_hash."""
