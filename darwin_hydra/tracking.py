@@ -48,7 +48,10 @@ class Tracker:
         saved = run_dir / "tracking.json"
         previous = json.loads(saved.read_text()) if saved.exists() else {}
         resume_id = previous.get("run_id") if previous.get("job_type", "run") == job_type else None
-        group = lcfg.group or previous.get("group") or _sweep_group()
+        # a distributed run's coordinator and workers share a group named after the run (the workers
+        # use the same fallback: search/distributed.py)
+        group = lcfg.group or previous.get("group") or _sweep_group() or (
+            f"{cfg.parents.name}-{run_dir.parent.name}-{run_dir.name}" if cfg.optimizer.storage else None)
         self.run = wandb.init(
             project=lcfg.project,
             entity=lcfg.entity,

@@ -9,8 +9,8 @@ every finished trial and continues the budget where it stopped:
 
 - in the run's own file (one worker at a time, ``stale_after_s <= 0``) a trial left RUNNING by a dead
   process is re-run under its own number, with its own parameters, before any new trial is asked;
-- on a shared storage a trial RUNNING longer than ``stale_after_s`` is marked FAIL and its
-  parameters enqueued again (another worker may still be running the others).
+- given ``stale_after_s > 0``, a trial RUNNING longer than that is marked FAIL and its parameters
+  enqueued again. (Many processes on one study: ``search/distributed.py``, with heartbeats.)
 
 Every ask uses a fresh ``CmaEsSampler`` (seeded, its state restored from the study by Optuna), so a
 trial's parameters depend on the study's history and the trial's number only, not on what the
@@ -46,6 +46,7 @@ class TrialRecord:
     genes: dict[str, float]
     value: float
     best_so_far: float
+    attrs: dict[str, Any] = field(default_factory=dict)  # what the trial's process stored with it (user attrs)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _quiet_optuna() -> None:
 
 
 @dataclass
-class _StudyHandle:
+class StudyHandle:
     """A study, its storage object and how to make its sampler (a fresh one for every ask)."""
 
     study: optuna.Study
@@ -84,7 +85,7 @@ class _StudyHandle:
         return optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
-def _recover_stale(handle: _StudyHandle, stale_after_s: float) -> list[int]:
+def _recover_stale(handle: StudyHandle, stale_after_s: float) -> list[int]:
     """Trials left RUNNING by a dead process.
 
     ``stale_after_s <= 0`` (one worker: the run's own file): every RUNNING trial is the dead process's;
@@ -112,20 +113,55 @@ def _recover_stale(handle: _StudyHandle, stale_after_s: float) -> list[int]:
     return []
 
 
-def _suggest(trial: optuna.Trial, space: GenomeSpace) -> dict[str, float]:
-    return {g: trial.suggest_float(f"u_{g}", -1.0, 1.0) for g in space.genes}
+def suggest_genes(trial: optuna.Trial, space: GenomeSpace, x0: Mapping[str, float]) -> dict[str, float]:
+    """The trial's genome: one centred coordinate u in [-1, 1] per gene (``u_<gene>``), mapped to its value."""
+    return from_unit({g: trial.suggest_float(f"u_{g}", -1.0, 1.0) for g in space.genes}, x0, space)
 
 
-def _unit_params(u: Mapping[str, float]) -> dict[str, float]:
+def unit_params(u: Mapping[str, float]) -> dict[str, float]:
+    """Optuna parameters (``u_<gene>``) of centred coordinates, as ``enqueue_trial`` takes them."""
     return {f"u_{g}": float(v) for g, v in u.items()}
 
 
-def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def trial_genes(t: optuna.trial.FrozenTrial, space: GenomeSpace, x0: Mapping[str, float], study_name: str):
+    """A finished trial's genome; a ValueError naming the genes it lacks when it was run in another space."""
+    missing = [g for g in space.genes if f"u_{g}" not in t.params]
+    if missing:
+        raise ValueError(
+            f"study {study_name!r}: trial {t.number} has no value for gene(s) {missing}: it was run in "
+            "another genome space (e.g. before genome.revive_dead_experts added revive_gain); resume with that "
+            "space (+genome.fixed.revive_gain=0 keeps the old one) or start a new study (optimizer.study_name)"
+        )
+    return from_unit({g: t.params[f"u_{g}"] for g in space.genes}, x0, space)
+
+
+@dataclass
+class Progress:
+    """The early-stopping rule of phase 2, fed one trial value at a time in trial order: a value counts as
+    an improvement when it beats the best so far by more than ``min_delta``; the phase stops once
+    ``patience`` trials in a row were not improvements."""
+
+    min_delta: float = 0.0
+    best: float = float("-inf")
+    since_best: int = 0
+
+    def add(self, value: float) -> None:
+        if value > self.best + self.min_delta:
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        self.best = max(self.best, value)
+
+    def exhausted(self, patience: int | None) -> bool:
+        return patience is not None and self.since_best >= patience
+
+
 def run_phase(
-    handle: _StudyHandle,
+    handle: StudyHandle,
     space: GenomeSpace,
     x0: Mapping[str, float],
     fitness: Fitness,
@@ -146,39 +182,25 @@ def run_phase(
     study = handle.study
     reopen = list(reopen or [])
     history: list[TrialRecord] = []
-    best = float("-inf")
-    since_best = 0
-    for t in sorted(_complete(study), key=lambda t: t.number):  # replay finished trials (resume)
-        missing = [g for g in space.genes if f"u_{g}" not in t.params]
-        if missing:
-            raise ValueError(
-                f"study {study.study_name!r}: trial {t.number} has no value for gene(s) {missing}: it was run in "
-                "another genome space (e.g. before genome.revive_dead_experts added revive_gain); resume with that "
-                "space (+genome.fixed.revive_gain=0 keeps the old one) or start a new study (optimizer.study_name)"
-            )
-        genes = from_unit({g: t.params[f"u_{g}"] for g in space.genes}, x0, space)
-        if t.value > best + min_delta:
-            best, since_best = t.value, 0
-        else:
-            since_best += 1
-        best = max(best, t.value)
-        history.append(TrialRecord(phase, t.number, genes, float(t.value), best))
+    progress = Progress(min_delta)
+    for t in sorted(complete_trials(study), key=lambda t: t.number):  # replay finished trials (resume)
+        genes = trial_genes(t, space, x0, study.study_name)
+        progress.add(t.value)
+        history.append(TrialRecord(phase, t.number, genes, float(t.value), progress.best))
     done = len(history)
     bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=progress_desc, leave=False)
     try:
         while done < n_trials:
-            if patience is not None and since_best >= patience:
-                log.info("phase %d: early stop after %d trials without improvement > %g", phase, since_best, min_delta)
+            if progress.exhausted(patience):
+                log.info("phase %d: early stop after %d trials without improvement > %g", phase, progress.since_best,
+                         min_delta)
                 break
             trial = handle.reopen(reopen.pop(0)) if reopen else handle.ask()
-            genes = from_unit(_suggest(trial, space), x0, space)
+            genes = suggest_genes(trial, space, x0)
             value = float(fitness(genes))
             study.tell(trial, value)
-            if value > best + min_delta:
-                since_best = 0
-            else:
-                since_best += 1
-            best = max(best, value)
+            progress.add(value)
+            best = progress.best
             rec = TrialRecord(phase, trial.number, genes, value, best)
             history.append(rec)
             done += 1
@@ -191,7 +213,7 @@ def run_phase(
     return history
 
 
-def make_study(storage: str, name: str, seed: int, popsize: int | None, source_trials=None) -> _StudyHandle:
+def make_study(storage: str, name: str, seed: int, popsize: int | None, source_trials=None) -> StudyHandle:
     _quiet_optuna()
     rdb = optuna.storages.RDBStorage(storage) if isinstance(storage, str) else storage
 
@@ -203,7 +225,7 @@ def make_study(storage: str, name: str, seed: int, popsize: int | None, source_t
     study = optuna.create_study(
         storage=rdb, study_name=name, direction="maximize", sampler=new_sampler(), load_if_exists=True
     )
-    return _StudyHandle(study, rdb, new_sampler)
+    return StudyHandle(study, rdb, new_sampler)
 
 
 def search(
@@ -228,7 +250,7 @@ def search(
     h1 = make_study(storage, f"{study_name}-phase1", seed, popsize)
     reopen1 = _recover_stale(h1, stale_after_s)
     if not h1.study.get_trials(deepcopy=False):
-        h1.study.enqueue_trial(_unit_params(to_unit(x0, x0, space)), user_attrs={"start": True})
+        h1.study.enqueue_trial(unit_params(to_unit(x0, x0, space)), user_attrs={"start": True})
     hist1 = run_phase(h1, space, x0, proxy, phase1_trials, 1, on_trial=on_trial, progress_desc="phase 1 (proxy)",
                       reopen=reopen1)
     best1 = max(hist1, key=lambda r: r.value)
@@ -236,7 +258,7 @@ def search(
     if benchmark is None or phase2_trials <= 0:
         return result
 
-    done1 = sorted(_complete(h1.study), key=lambda t: (-t.value, t.number))
+    done1 = sorted(complete_trials(h1.study), key=lambda t: (-t.value, t.number))
     # warm-start phase 2's CMA-ES from phase 1's distribution (cmaes needs >= 10 source solutions)
     source = done1 if len(done1) >= 10 else None
     h2 = make_study(storage, f"{study_name}-phase2", seed + 1, popsize, source_trials=source)

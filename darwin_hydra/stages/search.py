@@ -1,12 +1,20 @@
 """Search stage: CMA-ES over the genome from the prescribe stage's start, phase 1 on the proxy, phase 2
 on the benchmark (dev split), then the uniform-ratio baseline with the same number of benchmark
-evaluations. Writes ``genome.json`` (values + genome_hash) and ``search.json`` (history)."""
+evaluations. Writes ``genome.json`` (values + genome_hash) and ``search.json`` (history).
+
+With ``optimizer.storage`` a database URL the stage is the coordinator of a distributed search
+(``search/distributed.py``): workers started on the same run directory (``darwin-hydra-worker
+RUN_DIR``, which calls ``SearchStage.work``) run trials of the same study beside it, and the stage
+reads the finished study into the same two files."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from darwin_hydra.faults import fault_point
 from darwin_hydra.pipeline import RunContext, Stage
@@ -39,13 +47,28 @@ def load_probe_prompts(ctx: RunContext, per_set: int) -> dict[str, list[str]]:
 
 
 def storage_url(ctx: RunContext) -> tuple[str, float]:
-    """The study storage and how long a RUNNING trial may be before it is called stale
-    (``optimizer.stale_after_s``; null: every running trial in the default single-worker file, 3 h
-    on a shared storage URL)."""
+    """The study storage and when a RUNNING trial is called stale (``optimizer.stale_after_s``; null:
+    every running trial in the default single-process file, re-run in place; 4 heartbeats on a
+    storage URL, where the time since its last heartbeat counts)."""
     opt = ctx.cfg.optimizer
     if opt.storage:
-        return opt.storage, 3 * 3600.0 if opt.stale_after_s is None else opt.stale_after_s
+        return opt.storage, 4 * opt.heartbeat_s if opt.stale_after_s is None else opt.stale_after_s
     return f"sqlite:///{(ctx.run_dir / 'study.db').resolve()}", opt.stale_after_s or 0.0
+
+
+def shown_storage(storage: str) -> str:
+    """The storage as search.json records it: the file name of the run's own SQLite file, a URL without
+    its password."""
+    if storage.startswith("sqlite"):
+        return Path(storage[10:]).name
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True)
+
+
+def process_name(role: str) -> str:
+    """``role@host:pid``: who ran a trial, in the study's trial attributes."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
 def make_session(ctx: RunContext):
@@ -57,6 +80,50 @@ def make_session(ctx: RunContext):
         dtype=ctx.torch_dtype(),
         device=ctx.cfg.device,
         trust_remote_code=ctx.cfg.parents.trust_remote_code,
+        memory=ctx.cfg.memory,
+    )
+
+
+@dataclass
+class TrialFitness:
+    """What one process scores trials with: its trial session, the proxy (phase 1) and the benchmark
+    (phase 2 and the uniform baseline). ``bench_log``: this process's benchmark runs, in order."""
+
+    session: Any
+    proxy: Any  # TeacherKLProxy
+    bench: Callable[[], Any]
+    bench_log: list[dict] = field(default_factory=list)
+
+    def proxy_fitness(self, genes: dict[str, float]) -> float:
+        self.session.apply_genome(genes)
+        fault_point("trial")
+        return self.proxy.score(self.session.model)
+
+    def bench_fitness(self, genes: dict[str, float]) -> float:
+        h = self.session.apply_genome(genes)
+        fault_point("trial")
+        res = self.bench()
+        self.bench_log.append({"genome_hash": h, "mean": res.mean,
+                               "tasks": {t: r.accuracy for t, r in res.tasks.items()}})
+        return res.mean
+
+    def scored_bench_fitness(self, genes: dict[str, float]) -> tuple[float, dict]:
+        """The benchmark value and its log entry, stored with the trial (a shared study's reader needs it)."""
+        from darwin_hydra.search.distributed import BENCHMARK
+
+        value = self.bench_fitness(genes)
+        return value, {BENCHMARK: self.bench_log[-1]}
+
+
+def shared_search(opt, storage: str, stale_after_s: float, n_genes: int):
+    """The rules of a distributed search (``optimizer.storage`` a URL) from the optimizer's config."""
+    from darwin_hydra.search.distributed import SharedSearch, population_size
+
+    return SharedSearch(
+        storage=storage, study_name=opt.study_name, seed=opt.seed, phase1_trials=opt.phase1_trials,
+        phase2_top_k=opt.phase2_top_k, phase2_trials=opt.phase2_trials, patience=opt.patience,
+        min_delta=opt.min_delta, popsize=population_size(opt.popsize, opt.workers, n_genes),
+        heartbeat_s=opt.heartbeat_s, stale_after_s=stale_after_s,
     )
 
 
@@ -81,17 +148,13 @@ class SearchStage(Stage):
             return None
         return SearchOutcome(genome, json.loads(spath.read_text()))
 
-    def run(self, ctx: RunContext) -> SearchOutcome:
-        from darwin_hydra.search.loop import search
+    def trial_fitness(self, ctx: RunContext) -> TrialFitness:
+        """This process's trial session, proxy (its teachers' answers computed once) and benchmark."""
         from darwin_hydra.search.proxy import TeacherKLProxy, logprobs
 
         opt = self.optimizer
-        check_honest_split(self.benchmark)
         scan = ctx.require("scan")
-        start = ctx.require("prescribe")
-        space, x0 = start.space, start.start_genome
         session = ctx.trial_session()
-        plan = session.plan
 
         # proxy teachers: the parents' outputs on the probe prompts, computed once
         prompts = load_probe_prompts(ctx, opt.proxy_prompts)
@@ -111,47 +174,75 @@ class SearchStage(Stage):
             session.tokenizer, prompts, parent_logprobs(0.0), parent_logprobs(1.0), max_length=self.probes.max_length,
             teacher_of=teacher_of, answer_tokens=opt.proxy_answer_tokens,
         )
-
-        def proxy_fitness(genes):
-            session.apply_genome(genes)
-            fault_point("trial")
-            return proxy.score(session.model)
-
         include_path = ctx.resolve(self.benchmark.include_path)
         bench = benchmark_fitness(session.model, session.tokenizer, self.benchmark, include_path)
-        bench_log: list[dict] = []
+        return TrialFitness(session, proxy, bench)
 
-        def bench_fitness(genes):
-            h = session.apply_genome(genes)
-            fault_point("trial")
-            res = bench()
-            bench_log.append({"genome_hash": h, "mean": res.mean, "tasks": {t: r.accuracy for t, r in res.tasks.items()}})
-            return res.mean
-
+    @staticmethod
+    def _tracked(ctx: RunContext):
         def on_trial(rec):
             metrics = {"search/phase": rec["phase"], f"search/phase{rec['phase']}_value": rec["value"],
                        f"search/phase{rec['phase']}_best": rec["best"]}
             metrics.update({f"genes/{g}": v for g, v in rec["genes"].items()})
             ctx.tracker.log(metrics)
 
+        return on_trial
+
+    def work(self, ctx: RunContext, worker: str, wait_s: float = 3600.0) -> int:
+        """A worker's part of this run's distributed search: trials of the shared study, phase by phase as
+        the coordinator starts them, until the study's budgets are met. Returns the trials it told."""
+        from darwin_hydra.search.distributed import join
+
+        check_honest_split(self.benchmark)
+        start = ctx.require("prescribe")
+        fit = self.trial_fitness(ctx)
+        bench = fit.scored_bench_fitness if self.optimizer.phase2_trials > 0 else None
+        rules = shared_search(self.optimizer, *storage_url(ctx), len(start.space.genes))
+        return join(rules, start.space, start.start_genome, fit.proxy_fitness, bench, worker=worker,
+                    on_trial=self._tracked(ctx), wait_s=wait_s)
+
+    def run(self, ctx: RunContext) -> SearchOutcome:
+        from darwin_hydra.search.loop import search
+
+        opt = self.optimizer
+        check_honest_split(self.benchmark)
+        ctx.require("scan")
+        start = ctx.require("prescribe")
+        space, x0 = start.space, start.start_genome
+        fit = self.trial_fitness(ctx)
+        session, proxy, bench = fit.session, fit.proxy, fit.bench
+        plan = session.plan
+        on_trial = self._tracked(ctx)
+
         storage, stale = storage_url(ctx)
-        result = search(
-            space,
-            x0,
-            proxy_fitness,
-            bench_fitness if opt.phase2_trials > 0 else None,
-            storage=storage,
-            study_name=opt.study_name,
-            seed=opt.seed,
-            phase1_trials=opt.phase1_trials,
-            phase2_top_k=opt.phase2_top_k,
-            phase2_trials=opt.phase2_trials,
-            patience=opt.patience,
-            min_delta=opt.min_delta,
-            popsize=opt.popsize,
-            stale_after_s=stale,
-            on_trial=on_trial,
-        )
+        if opt.storage:  # the coordinator of a distributed search
+            from darwin_hydra.search.distributed import BENCHMARK, coordinate
+
+            result = coordinate(
+                shared_search(opt, storage, stale, len(space.genes)), space, x0, fit.proxy_fitness,
+                fit.scored_bench_fitness if opt.phase2_trials > 0 else None,
+                worker=process_name("coordinator"), run_trials=opt.coordinator_trials, on_trial=on_trial,
+            )
+            bench_log = [h.attrs[BENCHMARK] for h in result.history if h.phase == 2]
+        else:
+            result = search(
+                space,
+                x0,
+                fit.proxy_fitness,
+                fit.bench_fitness if opt.phase2_trials > 0 else None,
+                storage=storage,
+                study_name=opt.study_name,
+                seed=opt.seed,
+                phase1_trials=opt.phase1_trials,
+                phase2_top_k=opt.phase2_top_k,
+                phase2_trials=opt.phase2_trials,
+                patience=opt.patience,
+                min_delta=opt.min_delta,
+                popsize=opt.popsize,
+                stale_after_s=stale,
+                on_trial=on_trial,
+            )
+            bench_log = fit.bench_log
         best_hash = plan.hash(result.best_genes)
         genome = {
             "space": space.name,
@@ -191,7 +282,7 @@ class SearchStage(Stage):
             "stopped_early": result.stopped_early,
             "proxy_teachers": proxy.teacher_of,
             "uniform_baseline": baseline,
-            "storage": storage if not storage.startswith("sqlite") else Path(storage[10:]).name,
+            "storage": shown_storage(storage),
         }
         ctx.write_json("search.json", record)
         genes_cols = list(space.genes)
