@@ -38,7 +38,8 @@ def mean_ci(values: ArrayLike, level: float = 0.95, method: str = "auto") -> tup
 
     ``method``: ``wilson`` (0/1 values), ``normal``, or ``auto`` (Wilson when every value is 0 or 1).
 
-    Wilson score interval for p = k/n with z the normal quantile::
+    Wilson score interval for p = k/n with z the normal quantile (``scipy.stats.binomtest(k, n)
+    .proportion_ci(method="wilson")``)::
 
         center = (p + z^2/(2n)) / (1 + z^2/n)
         half   = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/(4n^2))
@@ -46,17 +47,20 @@ def mean_ci(values: ArrayLike, level: float = 0.95, method: str = "auto") -> tup
     Normal interval: mean +- z * s / sqrt(n), s the sample standard deviation (ddof=1).
     """
     arr = _as_array(values)
-    n, mean, z = arr.size, float(arr.mean()), _z(level)
+    n, mean = arr.size, float(arr.mean())
     if method == "auto":
         method = "wilson" if _is_binary(arr) else "normal"
     if method == "wilson":
         if not _is_binary(arr):
             raise ValueError("mean_ci(method='wilson') needs 0/1 values")
-        denom = 1 + z * z / n
-        center = (mean + z * z / (2 * n)) / denom
-        half = z / denom * np.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
-        return mean, float(center - half), float(center + half)
+        if not 0 < level < 1:
+            raise ValueError(f"confidence level {level} must be in (0, 1)")
+        from scipy.stats import binomtest
+
+        ci = binomtest(int(arr.sum()), n).proportion_ci(confidence_level=level, method="wilson")
+        return mean, float(ci.low), float(ci.high)
     if method == "normal":
+        z = _z(level)
         if n < 2:
             return mean, mean, mean
         half = z * float(arr.std(ddof=1)) / np.sqrt(n)
@@ -77,17 +81,32 @@ def skill_average(values: Scores) -> float:
     return float(np.mean([a.mean() for a in _stratified(values)]))
 
 
-def _boot_means(arrays: list[np.ndarray], n_boot: int, rng: np.random.Generator, paired: list[np.ndarray] | None = None):
-    # Resample items within each task; the statistic is the mean over tasks of the resampled task means.
-    total = np.zeros(n_boot)
-    total_b = np.zeros(n_boot) if paired is not None else None
-    for t, arr in enumerate(arrays):
-        idx = rng.integers(0, arr.size, size=(n_boot, arr.size))
-        total += arr[idx].mean(axis=1)
-        if paired is not None:
-            total_b += paired[t][idx].mean(axis=1)
+# Resampled values held at once by one bootstrap batch (about 16 MB of indices and values): the
+# memory of a bootstrap no longer grows with n_boot x n.
+_BATCH_VALUES = 1 << 20
+
+
+def _stratified_percentile(arrays: list[np.ndarray], n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile bootstrap interval of the skill average ``mean_t(mean(arrays[t]))``, resampling items with
+    replacement within each array (``scipy.stats.bootstrap`` with one independent sample per task)."""
+    from scipy.stats import bootstrap
+
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level {level} must be in (0, 1)")
     k = len(arrays)
-    return (total / k, None) if paired is None else (total / k, total_b / k)
+    # one item: every resample is the item itself (scipy needs two or more per sample)
+    fixed = sum(float(a[0]) for a in arrays if a.size == 1)
+    varying = tuple(a for a in arrays if a.size > 1)
+    if not varying:
+        return fixed / k, fixed / k
+
+    def skill_average(*samples, axis=-1):
+        return (fixed + sum(s.mean(axis=axis) for s in samples)) / k
+
+    batch = max(1, _BATCH_VALUES // max(a.size for a in varying))
+    res = bootstrap(varying, skill_average, n_resamples=n_boot, batch=batch, vectorized=True, paired=False,
+                    confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def bootstrap_ci(
@@ -99,10 +118,8 @@ def bootstrap_ci(
     the statistic; lo/hi are the (1-level)/2 and (1+level)/2 quantiles of the replicates.
     """
     arrays = _stratified(values)
-    rng = np.random.default_rng(seed)
-    boots, _ = _boot_means(arrays, n_boot, rng)
-    alpha = (1 - level) / 2
-    return skill_average(values), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    lo, hi = _stratified_percentile(arrays, n_boot, seed, level)
+    return skill_average(values), lo, hi
 
 
 def paired_bootstrap(
@@ -112,9 +129,10 @@ def paired_bootstrap(
 
     ``a[i]`` and ``b[i]`` are two models' scores on item i; a replicate draws item indices with
     replacement and uses the same indices for both, so the item difficulty cancels:
-    ``diff* = mean(a[idx]) - mean(b[idx])``. For dicts (task -> array) the statistic is the
-    difference of skill averages and items are resampled within each task. ``lo``/``hi`` are
-    percentile bounds at ``level``; the difference is significant when 0 lies outside them.
+    ``diff* = mean(a[idx]) - mean(b[idx]) = mean((a - b)[idx])``, i.e. a bootstrap of the per-item
+    differences. For dicts (task -> array) the statistic is the difference of skill averages and items
+    are resampled within each task. ``lo``/``hi`` are percentile bounds at ``level``; the difference is
+    significant when 0 lies outside them.
     """
     arrays_a, arrays_b = _stratified(a), _stratified(b)
     if isinstance(a, Mapping) != isinstance(b, Mapping):
@@ -126,9 +144,6 @@ def paired_bootstrap(
     for x, y in zip(arrays_a, arrays_b):
         if x.size != y.size:
             raise ValueError(f"paired_bootstrap: item counts differ ({x.size} vs {y.size}); scores must be paired")
-    rng = np.random.default_rng(seed)
-    boot_a, boot_b = _boot_means(arrays_a, n_boot, rng, paired=arrays_b)
-    diffs = boot_a - boot_b
-    alpha = (1 - level) / 2
-    diff = float(np.mean([x.mean() for x in arrays_a]) - np.mean([y.mean() for y in arrays_b]))
-    return diff, float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
+    diffs = [x - y for x, y in zip(arrays_a, arrays_b)]
+    lo, hi = _stratified_percentile(diffs, n_boot, seed, level)
+    return float(np.mean([d.mean() for d in diffs])), lo, hi

@@ -48,8 +48,10 @@ def benchmark_fitness(model, tokenizer, benchmark_cfg: Any, include_path: str, t
             tokenizer,
             task_list,
             include_path=include_path,
-            batch_size=int(benchmark_cfg.batch_size),
+            batch_size=benchmark_cfg.batch_size,
             limit=benchmark_cfg.limit,
+            metric=benchmark_cfg.metric,
+            lm_eval_defaults=benchmark_cfg.lm_eval_defaults,
         )
 
     return score

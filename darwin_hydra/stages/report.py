@@ -1,6 +1,6 @@
-"""Report stage: the benchmark on the held-out test split (father, mother, child, best uniform merge)
-with 95% intervals and paired-bootstrap differences, charts, ``report.md``, the child's model card,
-and the same tables and charts in W&B."""
+"""Report stage: the benchmark on the held-out test split (base when given, father, mother, child, best
+uniform merge) with 95% intervals and paired-bootstrap differences, charts, ``report.md``, the child's
+model card, and the same tables and charts in W&B."""
 
 from __future__ import annotations
 
@@ -19,38 +19,82 @@ def _evaluate(ctx: RunContext, benchmark, model, tok) -> object:
     from darwin_hydra.evaluate.benchmark import evaluate_model
 
     return evaluate_model(model, tok, list(benchmark.report_tasks), include_path=ctx.resolve(benchmark.include_path),
-                          batch_size=benchmark.batch_size, limit=benchmark.limit)
+                          batch_size=benchmark.batch_size, limit=benchmark.limit, metric=benchmark.metric,
+                          lm_eval_defaults=benchmark.lm_eval_defaults)
+
+
+def uniform_label(baseline: dict) -> str:
+    """The uniform merge's name in the results: ``uniform r=0.50``."""
+    return f"uniform r={float(baseline['best_ratio']):.2f}"
 
 
 def benchmark_models(ctx: RunContext, benchmark) -> dict[str, object]:
-    """Score father, mother, child (and the best uniform merge when the search found one) on the
-    report tasks (test split). The uniform merge is scored in the run's trial session."""
-    from darwin_hydra.mri.scan import load_model, load_tokenizer
+    """Score the base (when ``parents.base`` is given), father, mother, child (and the best uniform merge
+    when the search found one) on the report tasks (test split). The uniform merge is scored in the
+    run's trial session."""
+    from darwin_hydra.memory import placement
+    from darwin_hydra.models import load_model, load_tokenizer
 
-    dtype, device = ctx.cfg.parents.dtype, ctx.cfg.device
+    dtype, trust = ctx.cfg.parents.dtype, ctx.cfg.parents.trust_remote_code
+    where = dict(placement(ctx.cfg.memory, ctx.cfg.device), trust_remote_code=trust)
     results = {}
-    tok = load_tokenizer(ctx.parent_path("father"))
-    for role in ("father", "mother"):
-        results[role] = _evaluate(ctx, benchmark, load_model(ctx.parent_path(role), dtype=dtype, device=device), tok)
+    tok = load_tokenizer(ctx.parent_path("father"), trust_remote_code=trust)
+    for role in ("base", "father", "mother"):
+        path = ctx.parent_path(role)
+        if path is not None:
+            results[role] = _evaluate(ctx, benchmark, load_model(path, dtype=dtype, **where), tok)
     exported = ctx.results.merge or ctx.stage("merge").load(ctx)
     if exported is not None:
-        results["child"] = _evaluate(ctx, benchmark, load_model(exported.dir, dtype=dtype, device=device), tok)
+        results["child"] = _evaluate(ctx, benchmark, load_model(exported.dir, dtype=dtype, **where), tok)
     search = ctx.results.search or ctx.stage("search").load(ctx)
     baseline = search.uniform_baseline if search is not None else None
     if baseline:
         session = ctx.trial_session()
         session.apply_uniform(float(baseline["best_ratio"]))
-        results[f"uniform r={baseline['best_ratio']:.2f}"] = _evaluate(ctx, benchmark, session.model, session.tokenizer)
+        results[uniform_label(baseline)] = _evaluate(ctx, benchmark, session.model, session.tokenizer)
     return results
 
 
-def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]:
-    """Markdown table (accuracy % with 95% CI per task and the skill mean) and paired-bootstrap
-    child-minus-other differences of the skill mean; also returns the numbers as data."""
+def pct(x: float, signed: bool = False) -> str:
+    """``x`` (a share) in points with one decimal; never ``-0.0`` (a bound a rounding error below 0)."""
+    text = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+    return text.replace("-0.0", "+0.0" if signed else "0.0") if text.lstrip("+-") == "0.0" else text
+
+
+_METRIC_WORDS = {
+    "acc": "acc (the right answer is the greedy continuation / the most likely choice)",
+    "acc_norm": "acc_norm (the most likely choice per character)",
+    "exact_match": "exact_match (the greedy generation, cut at the stop sequence, is the answer)",
+}
+
+
+def metric_line(results: dict) -> str:
+    """Which per-item metric scored which tasks, in words."""
+    by_metric: dict[str, list[str]] = {}
+    for task, metric in next(iter(results.values())).metrics.items():
+        by_metric.setdefault(metric, []).append(task)
+    parts = []
+    for metric, tasks in by_metric.items():
+        name, _, flt = metric.partition(",")
+        words = _METRIC_WORDS.get(name, name) + (f", filter {flt}" if flt else "")
+        parts.append(words + (f" for {', '.join(tasks)}" if len(by_metric) > 1 else ""))
+    return "Per-item score: " + "; ".join(parts) + "."
+
+
+def benchmark_section(results: dict, n_boot: int, seed: int, baseline: dict | None = None) -> tuple[str, dict]:
+    """Markdown table (score % with 95% CI per task and the skill mean) and paired-bootstrap
+    child-minus-other differences of the skill mean; also returns the numbers as data. ``baseline``:
+    search.json's uniform_baseline, which says how the uniform row was chosen."""
     from darwin_hydra.evaluate.stats import bootstrap_ci, paired_bootstrap
 
     models = list(results)
     tasks = list(results[models[0]].tasks)
+    uniform = uniform_label(baseline) if baseline else None
+    n_ratios = (len(baseline.get("grid") or []) or baseline.get("evaluations")) if baseline else None
+
+    def label(m: str) -> str:
+        return f"{m} (best of {n_ratios} ratios on dev)" if m == uniform else m
+
     data: dict = {"models": {}, "differences": {}}
     head = "| model | " + " | ".join(tasks) + " | skill mean |"
     lines = ["## Benchmark (test split, never seen by the search)", "", head, "|" + "---|" * (len(tasks) + 2)]
@@ -61,11 +105,21 @@ def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]
         data["models"][m] = {"mean": r.mean, "mean_ci": [mlo, mhi], "tasks": {}}
         for t in tasks:
             tr = r.tasks[t]
-            cells.append(f"{100 * tr.accuracy:.1f} [{100 * tr.ci_low:.1f}, {100 * tr.ci_high:.1f}]")
-            data["models"][m]["tasks"][t] = {"accuracy": tr.accuracy, "ci": [tr.ci_low, tr.ci_high], "n": tr.n}
-        cells.append(f"**{100 * r.mean:.1f}** [{100 * mlo:.1f}, {100 * mhi:.1f}]")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy in %, 95% interval in brackets.", ""]
+            cells.append(f"{pct(tr.accuracy)} [{pct(tr.ci_low)}, {pct(tr.ci_high)}]")
+            data["models"][m]["tasks"][t] = {"accuracy": tr.accuracy, "ci": [tr.ci_low, tr.ci_high], "n": tr.n,
+                                             "metric": tr.metric}
+        cells.append(f"**{pct(r.mean)}** [{pct(mlo)}, {pct(mhi)}]")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    lines += ["", "Share of items right in %, 95% interval in brackets (Wilson per task, bootstrap for the mean). "
+              + metric_line(results)]
+    if uniform in results:
+        grid = ", ".join(f"{float(g['ratio']):.2f}" for g in baseline.get("grid") or [])
+        lines += ["", f"{uniform}: one ratio for every tensor, the best of {n_ratios} uniform ratios"
+                  + (f" ({grid})" if grid else "") + " on the dev split, as many benchmark evaluations as the "
+                  "search's phase 2 used."]
+        data["uniform"] = {"model": uniform, "ratios": n_ratios, "chosen_on": "dev",
+                           "best_ratio": float(baseline["best_ratio"])}
+    lines.append("")
     if "child" in results:
         lines += ["Child minus each other model (skill mean, paired bootstrap over items within each task, "
                   f"{n_boot} resamples, 95% interval):", "", "| child minus | difference | 95% interval | excludes 0 |",
@@ -77,7 +131,8 @@ def benchmark_section(results: dict, n_boot: int, seed: int) -> tuple[str, dict]
             diff, lo, hi = paired_bootstrap(child, results[m].correct, n_boot=n_boot, seed=seed)
             data["differences"][m] = {"diff": diff, "ci": [lo, hi]}
             excl = "yes" if lo > 0 or hi < 0 else "no"
-            lines.append(f"| {m} | {100 * diff:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {excl} |")
+            interval = f"[{pct(lo, signed=True)}, {pct(hi, signed=True)}]"
+            lines.append(f"| {label(m)} | {pct(diff, signed=True)} | {interval} | {excl} |")
     return "\n".join(lines), data
 
 
@@ -156,7 +211,7 @@ class ReportStage(Stage):
     def run(self, ctx: RunContext) -> Path:
         from darwin_hydra.io.atomic import write_text_atomic
         from darwin_hydra.report import charts
-        from darwin_hydra.report.card import model_card, relpath
+        from darwin_hydra.report.card import card_body, model_card, relpath
         from darwin_hydra.stages.merge import child_recipe
 
         cfg = ctx.cfg
@@ -165,12 +220,13 @@ class ReportStage(Stage):
         images: dict[str, Path] = {f"mri_{k}": Path(v) for k, v in scan.chart_paths.items()}
 
         results = benchmark_models(ctx, self.benchmark)
-        bench_md, bench_data = benchmark_section(results, self.benchmark.n_bootstrap, self.seed)
+        search = ctx.results.search or ctx.stage("search").load(ctx)
+        baseline = search.uniform_baseline if search is not None else None
+        bench_md, bench_data = benchmark_section(results, self.benchmark.n_bootstrap, self.seed, baseline)
         table = {m: {t: (100 * r.tasks[t].accuracy, 100 * r.tasks[t].ci_low, 100 * r.tasks[t].ci_high) for t in r.tasks}
                  for m, r in results.items()}
         images["benchmark"] = charts.benchmark_bars(table, chart_dir / "benchmark.png")
 
-        search = ctx.results.search or ctx.stage("search").load(ctx)
         if search is not None and search.history:
             images["evolution"] = charts.evolution_curve(search.history, chart_dir / "evolution.png")
 
@@ -192,7 +248,7 @@ class ReportStage(Stage):
         sections = {"benchmark": bench_md, "health": "\n\n".join(s for s in (health_section(health), moe_section(health)) if s)}
         report_md = "\n\n".join(
             [f"# darwin-hydra report: {cfg.parents.name}", f"Run directory: `{ctx.run_dir}`",
-             model_card(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)}).split("---\n", 2)[-1]]
+             card_body(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)})]
         )
         bench_data["genome_hash"] = recipe.genome_hash
         ctx.write_json("benchmark.json", bench_data)
