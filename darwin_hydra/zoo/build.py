@@ -74,6 +74,7 @@ def ensure_zoo(cfg: ZooConfig, cache_dir: str | Path | None = None) -> Path:
     h = zoo_hash(cfg)
     root = cache / f"zoo-{h}"
     if (root / METADATA).is_file() and _points_here(root):
+        write_task_yamls(root / "tasks", list(cfg.skills))  # tasks added to the code since the build
         return root
     with FileLock(str(cache / f"zoo-{h}.lock")):
         if (root / METADATA).is_file():
@@ -178,15 +179,15 @@ def _jobs(cfg: ZooConfig, out: Path, held: frozenset[str]) -> dict[tuple[str, st
                 held_out=held,
                 seed=_stream_seed(cfg.seed, "model", pair, role) % (2**31),
                 out_dir=str(out / pair / role),
-                init_from=None if role == "base" else str(out / pair / "base"),
+                init_from=None if role == "base" else str(out / pair / train.init),
                 upcycle_from=str(out / "dense" / "base") if role == "base" and _upcycled(cfg, pair) else None,
             )
     return jobs
 
 
 def _ready(cfg: ZooConfig, done: set[tuple[str, str]]) -> list[tuple[str, str]]:
-    # A job can start once what it starts from is saved: fine-tunes need their base, an upcycled MoE
-    # base needs the dense base.
+    # A job can start once what it starts from is saved: fine-tunes need their base (a mother with
+    # init: father, the father), an upcycled MoE base needs the dense base.
     ready = []
     for pair in cfg.pairs:
         for role in ROLES:
@@ -195,7 +196,7 @@ def _ready(cfg: ZooConfig, done: set[tuple[str, str]]) -> list[tuple[str, str]]:
             if role == "base":
                 ok = not _upcycled(cfg, pair) or ("dense", "base") in done
             else:
-                ok = (pair, "base") in done
+                ok = (pair, getattr(cfg, role).init) in done
             if ok:
                 ready.append((pair, role))
     # Bases first: an MoE base is on the critical path, the dense fine-tunes are not.
@@ -368,10 +369,17 @@ def build_zoo(cfg: ZooConfig, out: str | Path, final_root: str | Path | None = N
                 "train": {k: v for k, v in trained[(pair, role)].items() if k not in ("pair", "role")},
             }
             if role != "base":
+                # "updated": against the base, the common ancestor; a member started from another one
+                # (init) also records what its own training changed there.
                 names = updated_tensors(out / pair / "base", out / pair / role)
+                entry["init"] = tspec.init
                 entry["updated_layers"] = _layers_of(names)
                 entry["updated_components"] = _components_of(names)
                 entry["updated_tensors"] = names
+                if tspec.init != "base":
+                    own = updated_tensors(out / pair / tspec.init, out / pair / role)
+                    entry["updated_vs_init_layers"] = _layers_of(own)
+                    entry["updated_vs_init_tensors"] = own
             members[role] = entry
         members["mother"]["specialised_skill"] = cfg.mother_skill
         with one_thread():

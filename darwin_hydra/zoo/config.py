@@ -1,8 +1,9 @@
 """Every knob of the zoo build, as data: ``conf/zoo/*.yaml`` carry exactly these fields.
 
 The zoo is a family of small causal LMs trained here on CPU: per pair (``dense``, ``moe``) a ``base``
-trained on a mixture of the skills, then a ``father`` and a ``mother`` fine-tuned from it on disjoint
-decoder layers, so that where each parent's change lives is known.
+trained on a mixture of the skills, then a ``father`` and a ``mother`` fine-tuned from it (the default:
+on disjoint decoder layers, so that where each parent's change lives is known; the zoo families of
+issue 18 fine-tune every layer, or start the mother from the father, see docs/zoo.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ ZOO_FORMAT_VERSION = 2
 _NOT_HASHED = ("workers",)
 
 LAYER_SPANS = ("all", "lower", "upper")
+
+# What a fine-tune starts from (``TrainSpec.init``): the pair's base, or (the mother only) the father.
+INIT_SOURCES = ("base", "father")
+
+# Fields added since format 2, left out of the hash while they hold the value that reproduces the
+# builds made before them: those zoos keep their hashes (and caches); setting one is a new zoo.
+_TRAIN_SPEC_ADDED = {"init": "base"}
+_TRAIN_SPECS = ("base", "moe_base", "father", "mother")
 
 
 @dataclass
@@ -59,6 +68,9 @@ class TrainSpec:
     reference's mean square, between the member's hidden state where its trained span ends and the
     starting checkpoint's (frozen) on those items. A ``lower`` member then changes what its upper
     layers read only where its own skill needs it. Off when ``keep_weight`` is 0.
+    ``init``: the checkpoint a fine-tune starts from, ``base`` (the pair's base) or, for the mother,
+    ``father``: a full fine-tune of the father (Darwin's case: the mother is a distill of the father),
+    trained once he is saved; her ``keep`` reference is then the father.
     """
 
     steps: int = 1000
@@ -75,6 +87,7 @@ class TrainSpec:
     keep: dict[str, float] = field(default_factory=dict)
     keep_weight: float = 0.0
     keep_batch_size: int = 32
+    init: str = "base"
 
 
 @dataclass
@@ -188,6 +201,12 @@ def validate(cfg: ZooConfig) -> None:
             )
         if spec.keep_weight > 0 and role in ("base", "moe_base"):
             raise ValueError(f"zoo.{role}.keep_weight: only a fine-tune (father, mother) keeps a starting checkpoint")
+        allowed = INIT_SOURCES if role == "mother" else ("base",)
+        if spec.init not in allowed:
+            raise ValueError(
+                f"zoo.{role}.init={spec.init!r}: choose one of {allowed}"
+                + (" (only the mother can start from another member, the father)" if role != "mother" else "")
+            )
     if not cfg.pairs or any(p not in ("dense", "moe") for p in cfg.pairs):
         raise ValueError(f"zoo.pairs={cfg.pairs}: list one or both of 'dense', 'moe'")
     for pair in cfg.pairs:
@@ -235,24 +254,29 @@ def to_zoo_config(cfg) -> ZooConfig:
 
 
 def zoo_hash(cfg: ZooConfig) -> str:
-    """12 hex digits of sha256 over the canonical JSON of the config (minus ``workers``) and the format version."""
+    """12 hex digits of sha256 over the canonical JSON of the config (minus ``workers``, and minus the fields
+    added since format 2 while they hold their default) and the format version."""
     data = {k: v for k, v in as_dict(cfg).items() if k not in _NOT_HASHED}
+    for role in _TRAIN_SPECS:
+        data[role] = {k: v for k, v in data[role].items() if _TRAIN_SPEC_ADDED.get(k, object()) != v}
     blob = json.dumps({"format": ZOO_FORMAT_VERSION, "config": data}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def load_zoo_config(name_or_path: str = "default", overrides: list[str] | None = None) -> ZooConfig:
-    """A ``ZooConfig`` from ``conf/zoo/<name>.yaml`` (``default``, ``tiny``) or a YAML path, with optional
+    """A ``ZooConfig`` from ``conf/zoo/<name>.yaml`` (``default``, ``tiny``, ``full``, ...) or a YAML path, with optional
     dotted ``key=value`` overrides (``base.steps=200``). Unknown keys raise an error naming them."""
     from importlib.resources import files
 
     from omegaconf import OmegaConf
 
     path = Path(name_or_path)
+    options = Path(str(files("darwin_hydra_conf") / "zoo"))
     if not path.suffix:
-        path = Path(str(files("darwin_hydra_conf") / "zoo" / f"{name_or_path}.yaml"))
+        path = options / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"zoo config {name_or_path!r}: {path} does not exist (try 'default', 'revival' or 'tiny')")
+        names = sorted(p.stem for p in options.glob("*.yaml"))
+        raise FileNotFoundError(f"zoo config {name_or_path!r}: {path} does not exist (the options: {names})")
     node = OmegaConf.merge(OmegaConf.structured(ZooConfig), OmegaConf.load(path))
     if overrides:
         node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
