@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Optional
@@ -57,6 +58,15 @@ class ProxyTeacher(StrEnum):
     nll = "nll"
 
 
+class OutsideDecoder(StrEnum):
+    """Where the child takes the tensors outside the text decoder (vision/audio towers, projectors,
+    MTP heads): whole from a parent, or merged by the same recipe as the rest."""
+
+    father = "father"
+    mother = "mother"
+    merge = "merge"
+
+
 class LoggerMode(StrEnum):
     online = "online"
     offline = "offline"
@@ -83,9 +93,14 @@ class ParentsConfig:
     # the probe set the mother is known to be better at (e.g. REASONING): the MRI assigns it to her
     # instead of inferring who owns which set, and the proxy follows her there; None = inferred
     mother_skill: Optional[str] = None
+    # the child's tensors outside the text decoder (vision/audio towers, projectors, MTP heads): the
+    # father's whole (default: the mother is a text fine-tune; a text-only mother has none), the
+    # mother's, or merged by the same recipe as the decoder
+    outside_decoder: OutsideDecoder = OutsideDecoder.father
 
     def __post_init__(self):
         self.dtype = _choice("parents.dtype", Dtype, self.dtype)
+        self.outside_decoder = _choice("parents.outside_decoder", OutsideDecoder, self.outside_decoder)
         for role in ("father", "mother"):
             if not getattr(self, role):
                 raise ConfigError(f"parents.{role} is empty: give a local directory, a Hub id or a zoo:// URI")
@@ -149,11 +164,22 @@ class OptimizerConfig:
     patience: int = 6
     min_delta: float = 0.002
     popsize: Optional[int] = None
-    # where the study lives: null -> sqlite file in the run dir; or any Optuna storage URL
+    # where the study lives: null -> sqlite file in the run dir (one process); or any Optuna storage URL
+    # (postgresql+psycopg://user@host/db), shared by the run's coordinator and its workers: `darwin-hydra-worker
+    # RUN_DIR` (docs/distributed.md)
     storage: Optional[str] = None
-    # a trial RUNNING this long is taken as left by a dead worker and re-run; null: every running
-    # trial in the run's own file (one worker at a time), 3 h on a storage URL
+    # on a storage URL: every process records a heartbeat of the trial it runs this often (seconds)
+    heartbeat_s: float = 30.0
+    # on a storage URL: a trial whose last heartbeat is this old (seconds) was left by a dead worker, and
+    # another worker runs its parameters again; null: 4 x heartbeat_s. In the run's own file (no storage
+    # URL, one process at a time) every running trial is re-run in place
     stale_after_s: Optional[float] = None
+    # on a storage URL: how many processes run trials (the coordinator included): CMA-ES's population is
+    # at least this, so that each generation spans every worker
+    workers: int = 1
+    # on a storage URL: the coordinator runs trials beside the workers (true) or only starts each phase,
+    # waits for the workers and reads the study (false)
+    coordinator_trials: bool = True
     study_name: str = "darwin"
     # start CMA-ES from the MRI prescription (true) or from the centre of the bounds (false)
     mri_seeded: bool = True
@@ -169,6 +195,14 @@ class OptimizerConfig:
                 raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
         if self.popsize is not None and self.popsize < 2:
             raise ConfigError(f"optimizer.popsize={self.popsize}: null (CMA-ES's default) or >= 2")
+        if self.workers < 1 or not self.heartbeat_s > 0:
+            raise ConfigError(f"optimizer.workers={self.workers} must be >= 1 and optimizer.heartbeat_s="
+                              f"{self.heartbeat_s} > 0")
+        if self.storage and self.stale_after_s is not None and self.stale_after_s <= self.heartbeat_s:
+            raise ConfigError(
+                f"optimizer.stale_after_s={self.stale_after_s} must exceed optimizer.heartbeat_s={self.heartbeat_s} "
+                "(a live worker's trial would look stale): a few heartbeats, e.g. 4 x heartbeat_s, or null"
+            )
 
 
 @dataclass
@@ -176,11 +210,21 @@ class BenchmarkConfig:
     """lm-eval tasks: fitness on one split, the report on a disjoint one."""
 
     name: str = "zoo_skills"
-    # directory of task YAMLs (include_path); zoo:// URIs allowed
-    include_path: str = "zoo://tasks"
+    # directory of task YAMLs (include_path); zoo:// URIs allowed; null: none (lm_eval_defaults alone)
+    include_path: Optional[str] = "zoo://tasks"
+    # also index lm-eval's built-in task definitions (arc_challenge, gpqa_diamond_zeroshot, ...) and
+    # darwin-hydra's split variants of them (darwin_hydra/evaluate/tasks/, e.g. arc_challenge_validation);
+    # their data come from the Hugging Face Hub through `datasets`
+    lm_eval_defaults: bool = False
     fitness_tasks: list[str] = field(default_factory=lambda: ["zoo_skills_dev"])
     report_tasks: list[str] = field(default_factory=lambda: ["zoo_skills_test"])
-    batch_size: int = 64
+    # the per-item 0/1 score: null = per task (exact_match for generation tasks, else acc_norm when the
+    # task lists it, else acc); or acc, acc_norm, exact_match for every task, optionally with the lm-eval
+    # filter whose output is scored (default: the task's first): 'benchmark.metric="exact_match,flexible-extract"'
+    metric: Optional[str] = None
+    # requests per forward pass: a count, or "auto" (lm-eval finds the largest that fits; "auto:N"
+    # searches again N times over the run)
+    batch_size: Any = 64
     limit: Optional[int] = None
     # bootstrap resamples for paired child-vs-parent intervals in the report
     n_bootstrap: int = 10000
@@ -190,9 +234,24 @@ class BenchmarkConfig:
     def __post_init__(self):
         if not self.fitness_tasks or not self.report_tasks:
             raise ConfigError("benchmark.fitness_tasks and benchmark.report_tasks each need at least one task")
-        if self.batch_size < 1 or (self.limit is not None and self.limit < 1) or self.n_bootstrap < 100:
+        auto = isinstance(self.batch_size, str) and re.fullmatch(r"auto(:\d+)?", self.batch_size)
+        if not auto:
+            try:
+                self.batch_size = int(self.batch_size)
+            except (TypeError, ValueError):
+                raise ConfigError(f"benchmark.batch_size={self.batch_size!r}: a count >= 1, 'auto' or 'auto:N'") from None
+        if (not auto and self.batch_size < 1) or (self.limit is not None and self.limit < 1) or self.n_bootstrap < 100:
             raise ConfigError(f"benchmark: batch_size >= 1, limit null or >= 1, n_bootstrap >= 100 (got "
                               f"{self.batch_size}, {self.limit}, {self.n_bootstrap})")
+        if self.include_path is None and not self.lm_eval_defaults:
+            raise ConfigError("benchmark.include_path=null finds no tasks: give a directory of task YAMLs or set "
+                              "benchmark.lm_eval_defaults=true (lm-eval's own tasks)")
+        if self.metric is not None:
+            from darwin_hydra.evaluate.benchmark import ITEM_METRICS
+
+            if self.metric.partition(",")[0] not in ITEM_METRICS:
+                raise ConfigError(f"benchmark.metric={self.metric!r}: null (per task) or one of {list(ITEM_METRICS)}, "
+                                  "optionally with an lm-eval filter (exact_match,flexible-extract)")
 
 
 @dataclass
@@ -264,6 +323,39 @@ class ExportConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Where the models live and what the run may use: the memory plan (``darwin_hydra.memory``) checks
+    it in preflight, and ``darwin-hydra 'pipeline.stages=[plan]'`` prints it."""
+
+    # the trial model's and the MRI's placement: null = whole on `device`; auto / balanced / sequential:
+    # accelerate spreads the layers over the GPUs within max_memory (a trial writes every parameter in
+    # place, so the trial model must fit on them); or {module name: device}
+    device_map: Optional[Any] = None
+    # per-device limits, e.g. {0: 70GiB, 1: 70GiB, cpu: 100GiB}; a device not named: what it has free
+    max_memory: dict[str, str] = field(default_factory=dict)
+    # host RAM the run may use; null = MemAvailable (/proc/meminfo) plus what the process already holds
+    host_ram: Optional[str] = None
+    # a run the plan says cannot fit is refused in preflight (false: it runs, with a warning)
+    enforce: bool = True
+
+    def __post_init__(self):
+        from darwin_hydra.memory import DEVICE_MAP_CHOICES, max_memory_bytes, parse_bytes
+
+        self.max_memory = {str(k): str(v) for k, v in self.max_memory.items()}
+        try:
+            max_memory_bytes(self.max_memory)
+            if self.host_ram is not None:
+                parse_bytes(self.host_ram, "memory.host_ram")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        dm = self.device_map
+        if dm is not None and not hasattr(dm, "items") and dm not in DEVICE_MAP_CHOICES:
+            raise ConfigError(f"memory.device_map={dm!r}: null, one of {list(DEVICE_MAP_CHOICES)}, or {{module: device}}")
+        if hasattr(dm, "items"):
+            self.device_map = {str(k): str(v) for k, v in dm.items()}
+
+
+@dataclass
 class DarwinConfig:
     parents: ParentsConfig = field(default_factory=ParentsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
@@ -278,6 +370,7 @@ class DarwinConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     seed: int = 0
     # torch threads for this process (0 = torch's default)
     threads: int = 0
@@ -307,7 +400,7 @@ def _choice(option: str, enum: type[StrEnum], value: Any) -> Any:
 
 # dict options whose keys are the user's (gene names, probe set names): new keys may be added from the
 # command line without '+'; their values are checked when the typed config is built
-_OPEN_DICTS = ("genome.bounds", "genome.fixed", "probes.sets")
+_OPEN_DICTS = ("genome.bounds", "genome.fixed", "probes.sets", "memory.max_memory")
 
 
 def schema():

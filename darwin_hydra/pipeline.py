@@ -74,11 +74,16 @@ class RunContext:
 
     # ---- locations -------------------------------------------------------------------------
     def resolve(self, uri: str) -> str:
-        """Map ``zoo://`` URIs to real paths (building the zoo on first use); leave others alone."""
+        """Map ``zoo://`` URIs to real paths (building the zoo on first use) and ``builtin://`` to the
+        data the package ships (``darwin_hydra/data/``); leave others alone."""
         if isinstance(uri, str) and uri.startswith("zoo://"):
             from darwin_hydra.zoo import resolve_zoo_uri
 
             return str(resolve_zoo_uri(uri, self.cfg.zoo, self.cache_dir))
+        if isinstance(uri, str) and uri.startswith("builtin://"):
+            from importlib.resources import files
+
+            return str(files("darwin_hydra") / "data" / uri.removeprefix("builtin://"))
         return uri
 
     def parent_path(self, role: str) -> Path | None:
@@ -100,21 +105,39 @@ class RunContext:
 
     @cached_property
     def readers(self) -> dict:
-        """Streaming readers of the parents present (father, mother, and base when given)."""
-        from darwin_hydra.io.checkpoint import CheckpointReader
+        """Streaming readers of the parents present (father, mother, and base when given), every one in
+        the father's layout: a text-only mother beside a multimodal father (or the reverse) is read with
+        her decoder's names mapped onto his (``io.layouts``)."""
+        from darwin_hydra.io.layouts import layout_mapping
+        from darwin_hydra.io.reader import CheckpointReader
 
-        return {
-            role: CheckpointReader(path, allow_pickle=self.cfg.parents.allow_pickle)
-            for role in ("father", "mother", "base")
-            if (path := self.parent_path(role)) is not None
-        }
+        pickle = self.cfg.parents.allow_pickle
+        out = {"father": CheckpointReader(self.parent_path("father"), allow_pickle=pickle)}
+        for role in ("mother", "base"):
+            path = self.parent_path(role)
+            if path is None:
+                continue
+            reader = CheckpointReader(path, allow_pickle=pickle)
+            rename = layout_mapping(out["father"].names, reader.names)
+            if rename is not None:
+                reader = CheckpointReader(path, allow_pickle=pickle, rename=rename)
+                if reader.renamed_from:
+                    log.info("the %s's layout differs from the father's (%s vs %s): %d tensor names mapped onto his",
+                             role, reader.config.get("architectures"), out["father"].config.get("architectures"),
+                             len(reader.renamed_from))
+            out[role] = reader
+        return out
 
     @cached_property
     def checked_readers(self) -> dict:
-        """``readers`` after the pre-merge compatibility check (headers only), run once."""
+        """``readers`` after the pre-merge compatibility check (headers only), run once. Tensors outside
+        the text decoder may be missing from the mother and the base when the child takes them from the
+        father (``parents.outside_decoder``)."""
+        from darwin_hydra.arch import outside_decoder
         from darwin_hydra.io.compat import check_compatible
 
-        check_compatible(self.readers)
+        optional = outside_decoder if self.cfg.parents.outside_decoder == "father" else None
+        check_compatible(self.readers, optional=optional)
         return self.readers
 
     @property
@@ -172,6 +195,7 @@ class RunContext:
                 fingerprints={role: r.fingerprint() for role, r in self.readers.items()},
                 router_source=tuple(router_source) if router_source else None,
                 revive=revive,
+                outside_decoder=str(self.cfg.parents.outside_decoder),
             )
         return self._plan
 

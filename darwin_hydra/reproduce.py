@@ -56,7 +56,8 @@ def load_run_config(run_dir: Path):
 
 def verify_dir(child_dir: Path, checksums: dict[str, str]) -> list[str]:
     """Names of tensors in ``child_dir`` whose sha256 differs from ``checksums`` (or that are missing/extra)."""
-    from darwin_hydra.io.checkpoint import CheckpointReader, tensor_sha256
+    from darwin_hydra.io.fingerprint import tensor_sha256
+    from darwin_hydra.io.reader import CheckpointReader
 
     bad = []
     reader = CheckpointReader(child_dir)

@@ -24,7 +24,8 @@ from darwin_hydra.config import ConfigError, DarwinConfig, load_config
 log = logging.getLogger(__name__)
 
 # Overrides a resumed run may change: how it runs, never what it computes.
-RESUME_FREE = ("merge.workers", "merge.processes", "threads", "logger.mode", "mri.progress")
+RESUME_FREE = ("merge.workers", "merge.processes", "threads", "logger.mode", "mri.progress", "memory.host_ram",
+               "memory.enforce", "memory.max_memory")
 
 
 class ResumeConflictError(ConfigError):

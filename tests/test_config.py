@@ -40,8 +40,20 @@ def test_every_option_composes(group, option):
     OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_the_config_groups_of_the_design_card_exist():
-    assert {"parents", "probes", "genome", "optimizer", "benchmark"} <= set(GROUPS)
+def test_every_stage_target_builds_from_the_composed_config():
+    """Every ``_target_`` of pipeline.registry instantiates, taking its config groups by name."""
+    from darwin_hydra.config import compose
+    from darwin_hydra.pipeline import Stage, build_stage
+
+    cfg = compose([])
+    # every registered stage runs in the full pipeline but plan, which runs alone (preflight plans too)
+    assert set(cfg.pipeline.stages) == set(cfg.pipeline.registry) - {"plan"}
+    for name in cfg.pipeline.registry:
+        stage = build_stage(cfg, name)
+        assert isinstance(stage, Stage) and stage.name == name
+        for group, value in vars(stage).items():  # each constructor argument is its typed config group
+            if hasattr(cfg, group):
+                assert value == getattr(cfg, group), (name, group)
 
 
 def test_misspelt_key_is_an_error_naming_it():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from darwin_hydra.io.checkpoint import CheckpointReader
+from darwin_hydra.io.reader import CheckpointReader
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=test_tiny"]

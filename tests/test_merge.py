@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from darwin_hydra.merge import chunks
 from darwin_hydra.merge import methods as M
 from darwin_hydra.merge.config import METHODS, MergeConfig
 from darwin_hydra.merge.engine import InMemoryMerger, merge_named, merge_to_disk
@@ -20,6 +21,7 @@ from darwin_hydra.merge.masks import dare_mask, father_bits, mother_bits, unifor
 from darwin_hydra.merge.methods import NonFiniteTensorError, merge_tensor
 from darwin_hydra.merge.recipe import RatioMap, TensorRecipe, plain_ratio_map, tensor_seed
 from darwin_hydra.merge.select import RankSelector, sample_positions
+from darwin_hydra.merge.workers import use_processes
 
 g = torch.Generator().manual_seed(0)
 A = torch.randn(64, 32, generator=g)
@@ -92,7 +94,7 @@ def test_trim_on_bf16_deltas_keeps_exactly_k_through_the_sampled_selection(densi
     out = merge_tensor(fa, mo, base, rec, 0, out_dtype=torch.float32)
     expected = base.float() + ref_top_k(mo.float() - base.float(), density)
     assert torch.equal(out, expected)
-    monkeypatch.setattr(M, "CHUNK_CPU", 1000)  # chunking changes nothing
+    monkeypatch.setattr(chunks, "CHUNK_CPU", 1000)  # chunking changes nothing
     assert torch.equal(merge_tensor(fa, mo, base, rec, 0, out_dtype=torch.float32), out)
 
 
@@ -150,6 +152,13 @@ def test_masks_are_a_function_of_seed_and_index():
     for q in (0, 1, 20_000, 32_767, 32_768, 32_769, 65_535):
         assert torch.equal(dare_mask(full, True, q), (father_bits(full) < q).float())
         assert torch.equal(dare_mask(full, False, q), (mother_bits(full) < q).float())
+    # one threshold per element (the batched in-memory path): the same bits, and 65536 keeps all
+    qs = (0, 1, 20_000, 32_767, 32_768, 32_769, 65_535, 65_536)
+    per_element = torch.tensor(qs, dtype=torch.int32).repeat_interleave(full.numel())
+    many = full.repeat(len(qs))
+    for father in (True, False):
+        scalar = [dare_mask(full, father, q) if q < 65_536 else torch.ones(full.numel()) for q in qs]
+        assert torch.equal(dare_mask(many, father, per_element), torch.cat(scalar))
 
 
 def test_breadcrumbs_drops_both_tails():
@@ -180,7 +189,7 @@ def test_slerp_endpoints_orthogonal_midpoint_and_parallel_fallback(monkeypatch):
     assert torch.allclose(out, torch.tensor([[0.5**0.5, 0.0], [0.0, 0.5**0.5]]))
     fa, mo, _ = bf16_parents((300, 1000))
     whole = merge_tensor(fa, mo, None, TensorRecipe(method="slerp", ratio=0.3), 0)
-    monkeypatch.setattr(M, "CHUNK_CPU", 1 << 12)  # statistics summed over other chunks: same child
+    monkeypatch.setattr(chunks, "CHUNK_CPU", 1 << 12)  # statistics summed over other chunks: same child
     assert torch.equal(merge_tensor(fa, mo, None, TensorRecipe(method="slerp", ratio=0.3), 0), whole)
 
 
@@ -286,7 +295,7 @@ def _stored_parents(tmp_path, shape=(700, 401)):  # above select.SMALL: TIES ran
     """bf16 father, mother, base saved as safetensors; returns (in-memory tensors, StoredTensors)."""
     from safetensors.torch import save_file
 
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
     fa, mo, base = bf16_parents(shape, seed=3)
     stored = []
@@ -321,9 +330,9 @@ STREAM_RECIPES = [
 def test_parents_left_in_their_files_stream_and_give_the_same_bits(recipe, shape, tmp_path, monkeypatch):
     """Export mode reads a streaming method's parents chunk by chunk from the files: same child, bit
     for bit, and no parent is ever loaded whole."""
-    from darwin_hydra.io.checkpoint import StoredTensor
+    from darwin_hydra.io.reader import StoredTensor
 
-    monkeypatch.setattr(M, "CHUNK_CPU", 4096)  # many chunks, and one partial chunk at the end
+    monkeypatch.setattr(chunks, "CHUNK_CPU", 4096)  # many chunks, and one partial chunk at the end
     tensors, stored = _stored_parents(tmp_path, shape)
     assert M.streams(recipe)
     want = merge_tensor(*tensors, recipe, 77, name="w")
@@ -361,7 +370,7 @@ IGNORED = [
 def test_nan_in_a_parent_the_child_does_not_depend_on_is_still_reported(recipe, role, shape, where, tmp_path):
     from safetensors.torch import save_file
 
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
     gen = torch.Generator().manual_seed(4)
     tensors = {r: torch.randn(shape, generator=gen) for r in ("father", "mother", "base")}
@@ -384,17 +393,17 @@ def test_a_merge_whose_sum_overflows_checks_stored_parents_by_chunk(tmp_path, mo
     and the merge goes on."""
     from safetensors.torch import save_file
 
-    from darwin_hydra.io.checkpoint import CheckpointReader, StoredTensor
+    from darwin_hydra.io.reader import CheckpointReader, StoredTensor
 
-    monkeypatch.setattr(M, "CHUNK_CPU", 4096)
+    monkeypatch.setattr(chunks, "CHUNK_CPU", 4096)
     gen = torch.Generator().manual_seed(5)
     stored = []
     for role in ("father", "mother", "base"):
         save_file({"w": torch.randn(100, 100, generator=gen).abs()}, tmp_path / f"{role}.safetensors")
         stored.append(CheckpointReader(tmp_path / f"{role}.safetensors").stored("w"))
     calls = []
-    real = M.check_finite_chunked
-    monkeypatch.setattr(M, "check_finite_chunked", lambda t, role, name: calls.append(role) or real(t, role, name))
+    real = chunks.check_finite_chunked
+    monkeypatch.setattr(chunks, "check_finite_chunked", lambda t, role, name: calls.append(role) or real(t, role, name))
     monkeypatch.setattr(StoredTensor, "load", lambda self: pytest.fail("loaded a parent whole"))
     out = merge_tensor(*stored, TensorRecipe(method="linear", ratio=0.5), 1, name="w", device="cpu")
     assert calls == [] and bool(torch.isfinite(out).all())  # an ordinary merge: no exact check at all
@@ -404,7 +413,7 @@ def test_a_merge_whose_sum_overflows_checks_stored_parents_by_chunk(tmp_path, mo
 
 
 def test_stored_tensor_reads_ranges_and_refuses_what_it_cannot(tmp_path):
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
     tensors, stored = _stored_parents(tmp_path, shape=(10, 9))
     flat = tensors[1].reshape(-1)
@@ -477,7 +486,7 @@ def parents(tmp_path_factory):
 
 
 def _readers(paths):
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
     return [CheckpointReader(p) for p in paths]
 
@@ -487,7 +496,7 @@ def _checksums(path):
 
 
 def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_path, monkeypatch):
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
 
     base, father, mother = _readers(parents)
     recipes = [TensorRecipe(method=m, ratio=0.6, density_a=0.5, density_b=0.4) for m in ("dare_ties", "ties", "slerp")]
@@ -522,7 +531,7 @@ def test_export_is_bit_identical_across_workers_threads_and_order(parents, tmp_p
     assert gc.isenabled() and torch.get_num_threads() == threads
     monkeypatch.undo()
     # one tensor on its own (any order, any chunking) gives the same bits
-    monkeypatch.setattr(M, "CHUNK_CPU", 4096)
+    monkeypatch.setattr(chunks, "CHUNK_CPU", 4096)
     name = father.names[-3]
     alone = merge_named(name, father.get(name), mother.get(name), base.get(name), rmap[name], "g1")
     assert torch.equal(alone, CheckpointReader(one).get(name))
@@ -610,7 +619,7 @@ def test_export_keeps_its_tensors_in_flight_under_the_memory_bound(parents, tmp_
 
     from darwin_hydra.merge import engine
 
-    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+    if processes and not use_processes(None, torch.device("cpu"), 2):
         pytest.skip("forked export workers need Linux")
     base, father, mother = _readers(parents)
     # shared with forked workers (and safe across threads)
@@ -683,25 +692,22 @@ def test_nan_during_export_names_the_tensor_and_leaves_no_child(parents, tmp_pat
 def test_a_killed_export_leaves_no_finished_looking_child(parents, tmp_path, processes):
     """SIGKILL in the middle of the export: no ``child`` directory, no worker left behind, and the
     next export succeeds."""
-    from darwin_hydra.merge import engine
 
-    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+    if processes and not use_processes(None, torch.device("cpu"), 2):
         pytest.skip("forked export workers need Linux")
     base, father, mother = (str(p) for p in parents)
     pids = tmp_path / "pids"
     script = textwrap.dedent(f"""
         import os, signal
-        from darwin_hydra.io import checkpoint
-        from darwin_hydra.io.checkpoint import CheckpointReader
+        from darwin_hydra.io.reader import CheckpointReader
+        from darwin_hydra.io.writer import CheckpointWriter as W
         from darwin_hydra.merge import engine
         from darwin_hydra.merge.engine import merge_to_disk
         from darwin_hydra.merge.recipe import RatioMap, TensorRecipe
-        W = checkpoint.CheckpointWriter
-        add, fill, merge = W.add, W.fill, engine.merge_tensor
+        fill, merge = W.fill, engine.merge_tensor
         def then_die(self):
             if len(self.checksums) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        W.add = lambda self, *a: (add(self, *a), then_die(self))[0]
         W.fill = lambda self, *a: (fill(self, *a), then_die(self))[0]
         def merge_noting_pid(*a, **k):
             with open({str(pids)!r}, "a") as out:
@@ -744,9 +750,8 @@ def test_a_nan_in_a_parent_file_stops_the_export_by_name(parents, tmp_path, proc
 
     from safetensors.torch import load_file, save_file
 
-    from darwin_hydra.merge import engine
 
-    if processes and not engine._use_processes(None, torch.device("cpu"), 2):
+    if processes and not use_processes(None, torch.device("cpu"), 2):
         pytest.skip("forked export workers need Linux")
     base, father, mother = parents
     bad = tmp_path / "mother"
@@ -763,20 +768,20 @@ def test_a_nan_in_a_parent_file_stops_the_export_by_name(parents, tmp_path, proc
 
 
 def test_export_workers_are_processes_only_where_they_work(monkeypatch):
-    from darwin_hydra.merge import engine
+    from darwin_hydra.merge import workers
 
     cpu = torch.device("cpu")
-    assert not engine._use_processes(None, cpu, 1)  # one worker: no pool unless asked
+    assert not use_processes(None, cpu, 1)  # one worker: no pool unless asked
     if sys.platform == "linux":
-        assert engine._use_processes(True, cpu, 1) and engine._use_processes(None, cpu, 2)
-    assert not engine._use_processes(False, cpu, 4)
-    assert not engine._use_processes(None, torch.device("cuda"), 4)
+        assert use_processes(True, cpu, 1) and use_processes(None, cpu, 2)
+    assert not use_processes(False, cpu, 4)
+    assert not use_processes(None, torch.device("cuda"), 4)
     with pytest.raises(ValueError, match="merge.processes=true merges on the CPU only"):
-        engine._use_processes(True, torch.device("cuda"), 4)
-    monkeypatch.setattr(engine.sys, "platform", "darwin")
-    assert not engine._use_processes(None, cpu, 4)
+        use_processes(True, torch.device("cuda"), 4)
+    monkeypatch.setattr(workers.sys, "platform", "darwin")
+    assert not use_processes(None, cpu, 4)
     with pytest.raises(ValueError, match="merge.processes=true needs fork"):
-        engine._use_processes(True, cpu, 4)
+        use_processes(True, cpu, 4)
 
 
 def test_a_parent_truncated_under_a_forked_worker_stops_the_export(parents, tmp_path, monkeypatch):
@@ -786,7 +791,7 @@ def test_a_parent_truncated_under_a_forked_worker_stops_the_export(parents, tmp_
 
     from darwin_hydra.merge import engine
 
-    if not engine._use_processes(None, torch.device("cpu"), 2):
+    if not use_processes(None, torch.device("cpu"), 2):
         pytest.skip("forked export workers need Linux")
     copies = [shutil.copytree(p, tmp_path / p.name) for p in parents]
     base, father, mother = _readers(copies)
@@ -823,7 +828,7 @@ def test_a_worker_error_names_its_tensor_even_one_that_does_not_unpickle(parents
 
     monkeypatch.setattr(engine, "merge_tensor", failing)
     rmap = RatioMap({n: TensorRecipe(method="dare_ties", ratio=0.4, density_b=0.5) for n in father.names})
-    for processes in ([False, True] if engine._use_processes(None, torch.device("cpu"), 2) else [False]):
+    for processes in ([False, True] if use_processes(None, torch.device("cpu"), 2) else [False]):
         with pytest.raises((_TwoArgError, RuntimeError), match="this and that") as info:
             merge_to_disk(father, mother, base, rmap, "h", tmp_path / "c", workers=2, progress=False,
                           processes=processes)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from darwin_hydra.config import compose
 
-from darwin_hydra.io.checkpoint import CheckpointReader
+from darwin_hydra.io.reader import CheckpointReader
 from darwin_hydra.merge.engine import InMemoryMerger, merge_to_disk
 from darwin_hydra.search.genome import GenomeSpace
 from darwin_hydra.search.recipe import apply_moe_rules, genome_ratio_map, revival_plan

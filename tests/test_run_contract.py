@@ -77,15 +77,15 @@ def test_preflight_names_every_missing_parent_at_once_and_creates_nothing(tmp_pa
     assert not (run_dir / "scan").exists() and not (run_dir / "wandb").exists()
 
 
-def _task_dir(tmp_path, output_type="generate_until"):
-    """A local lm-eval task that reports exact_match, not a per-item acc."""
+def _task_dir(tmp_path):
+    """A local lm-eval task that reports perplexity alone: no per-item acc, acc_norm or exact_match."""
     d = tmp_path / "tasks"
     d.mkdir()
     (d / "items.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(4)))
-    (d / "gen_task.yaml").write_text(
-        "task: gen_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(d / "items.jsonl")
-        + f"\ntest_split: test\noutput_type: {output_type}\ndoc_to_text: '{{{{q}}}}'\ndoc_to_target: '{{{{a}}}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\nmetric_list:\n  - metric: exact_match\n")
+    (d / "ppl_task.yaml").write_text(
+        "task: ppl_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(d / "items.jsonl")
+        + "\ntest_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: perplexity\n")
     return d
 
 
@@ -97,9 +97,10 @@ def test_preflight_refuses_unknown_and_unusable_tasks_before_the_scan(tmp_path):
     assert not (run_dir / "scan").exists()
     tasks = _task_dir(tmp_path)
     with pytest.raises(PreflightError) as e:
-        run(TINY + [f"benchmark.include_path={tasks}", "benchmark.fitness_tasks=[gen_task]",
-                    "benchmark.report_tasks=[gen_task]", "benchmark.allow_fitness_on_report=true"], tmp_path / "run2")
-    assert "'gen_task'" in str(e.value) and "per-item 'acc'" in str(e.value)
+        run(TINY + [f"benchmark.include_path={tasks}", "benchmark.fitness_tasks=[ppl_task]",
+                    "benchmark.report_tasks=[ppl_task]", "benchmark.allow_fitness_on_report=true"], tmp_path / "run2")
+    assert "'ppl_task'" in str(e.value) and "per-item exact_match / acc_norm / acc" in str(e.value)
+    assert not (tmp_path / "run2" / "scan").exists()
 
 
 def test_preflight_names_an_empty_probe_set_and_a_bad_genome(tmp_path):
@@ -195,7 +196,7 @@ def test_a_contradicting_override_is_refused_naming_it_and_a_free_one_is_taken(f
 
 
 def test_reproduce_tells_a_changed_config_from_changed_tensors(finished_run, tmp_path):
-    from darwin_hydra.io.checkpoint import CheckpointReader
+    from darwin_hydra.io.reader import CheckpointReader
     from darwin_hydra.reproduce import reproduce
 
     copy = tmp_path / "copy"
@@ -263,3 +264,19 @@ def test_a_group_option_of_your_own_from_your_config_directory(tmp_path):
                        text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "source: /data/math.jsonl" in p.stdout and "name: mine" in p.stdout
+
+
+@pytest.mark.slow
+def test_a_seed_preset_without_its_weights_and_datasets_names_them_all_in_preflight(tmp_path, monkeypatch):
+    """README's presets offline (no weights in the HF cache, no network): refused before the scan, naming
+    both Hub parents and the benchmark's datasets, with nothing of W&B created."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    run_dir = tmp_path / "run"
+    with pytest.raises(PreflightError) as e:
+        run(["experiment=darwin_31b_opus", "logger=wandb"], run_dir)
+    msg = str(e.value)
+    assert "google/gemma-4-31B-it" in msg and "TeichAI/gemma-4-31B-it-Claude-Opus-Distill" in msg
+    assert "arc_challenge" in msg and "gpqa" in msg
+    assert not (run_dir / "scan").exists() and not (run_dir / "wandb").exists()

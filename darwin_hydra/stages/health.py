@@ -25,13 +25,16 @@ def run_health(ctx: RunContext, model_dir, health_cfg, mri, probes) -> dict:
     """Probe-scan ``model_dir`` with the run's probes and settings; flag it against the parents' scans."""
     from darwin_hydra.health import health_check
     from darwin_hydra.mri.probes import layer_importance, load_probe_prompts
-    from darwin_hydra.mri.scan import load_model, load_tokenizer
+    from darwin_hydra.models import load_model, load_tokenizer
     from darwin_hydra.report.charts import health_curves
 
     scan = ctx.require("scan")
     prompts = load_probe_prompts(probes, ctx.resolve)
-    model = load_model(model_dir, dtype=mri.dtype, device=mri.device)
-    tok = load_tokenizer(model_dir, ctx.parent_path("father"))
+    trust = ctx.cfg.parents.trust_remote_code
+    from darwin_hydra.memory import placement
+
+    model = load_model(model_dir, dtype=mri.dtype, trust_remote_code=trust, **placement(ctx.cfg.memory, mri.device))
+    tok = load_tokenizer(model_dir, ctx.parent_path("father"), trust_remote_code=trust)
     child = layer_importance(model, tok, prompts, max_length=probes.max_length, batch_size=probes.batch_size,
                              reduce=mri.probe_reduce, progress=mri.progress)
     father, mother = scan.probe_father.importance, scan.probe_mother.importance

@@ -69,14 +69,21 @@ def child_recipe(ctx: RunContext, hash_version: int = HASH_VERSION) -> ChildReci
                 "genome was found"
             )
         return ChildRecipe(plan.ratio_map(genome["genes"]), h, genome, "genome")
+    from darwin_hydra.merge.recipe import RatioMap
+    from darwin_hydra.search.recipe import apply_outside_decoder, outside_decoder_rule
+
     readers = ctx.readers
-    rmap = plain_ratio_map(list(readers["father"].names), ctx.cfg.merge, ctx.num_layers)
+    names = list(readers["father"].names)
+    policy = ctx.cfg.parents.outside_decoder
+    rmap = RatioMap(apply_outside_decoder(plain_ratio_map(names, ctx.cfg.merge, ctx.num_layers), policy))
     fingerprints = {role: r.fingerprint() for role, r in readers.items()}
-    return ChildRecipe(rmap, plain_hash(ctx.cfg.merge, fingerprints, hash_version), None, "plain")
+    h = plain_hash(ctx.cfg.merge, fingerprints, hash_version, outside_decoder_rule(names, policy))
+    return ChildRecipe(rmap, h, None, "plain")
 
 
-def plain_hash(merge_cfg, fingerprints: dict, version: int = HASH_VERSION) -> str:
-    """A plain merge's genome_hash: of its merge config and the parents' fingerprints.
+def plain_hash(merge_cfg, fingerprints: dict, version: int = HASH_VERSION, extra: dict | None = None) -> str:
+    """A plain merge's genome_hash: of its merge config and the parents' fingerprints (and ``extra``:
+    the outside-decoder rule when it changes a tensor).
 
     Version 2 leaves out ``workers``, ``processes`` and ``device`` (how the export runs), so they never
     change a child. Version 1 (runs before) kept ``workers`` and ``device``; ``darwin-hydra-reproduce``
@@ -90,7 +97,7 @@ def plain_hash(merge_cfg, fingerprints: dict, version: int = HASH_VERSION) -> st
         return digest({"merge": merge, "parents": fingerprints})
     for key in PERFORMANCE_KEYS:
         merge.pop(key, None)
-    return digest({"merge": merge, "parents": fingerprints, "hash_version": version})
+    return digest({"merge": merge, "parents": fingerprints, "hash_version": version, **(extra or {})})
 
 
 def child_record(ctx: RunContext, recipe: ChildRecipe) -> dict:

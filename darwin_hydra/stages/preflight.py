@@ -8,7 +8,8 @@ nothing but headers, task definitions and probe files read:
 - the genome space fits the parents (bounds, genes; ``GenomeSpace.from_config``);
 - fitness and report tasks exist, are disjoint, and report a per-item metric (when a stage uses them);
 - every probe set loads and holds text;
-- the run directory is writable, with room for the child.
+- the run directory is writable, with room for the child;
+- the memory plan fits (``darwin_hydra.memory``: every part's bytes against each device's budget).
 
 All problems are collected and raised together (``PreflightError``), naming each file, task or option.
 """
@@ -63,6 +64,7 @@ class PreflightStage(Stage):
                 check(f"genome={self.genome.name}", lambda: self._genome_space(ctx))
             if "merge" in stages:
                 check("room for the child", lambda: self._check_disk(ctx))
+            check("memory plan", lambda: self._check_memory(ctx))
         if stages & {"search", "report"}:
             self._check_benchmark(ctx, stages, problems, report)
         if stages & {"scan", "search", "health"}:
@@ -83,7 +85,7 @@ class PreflightStage(Stage):
 
     def _check_remote_code(self, ctx: RunContext):
         def fn():
-            from darwin_hydra.io.checkpoint import remote_code_files
+            from darwin_hydra.io.support_files import remote_code_files
 
             remote_code_files(ctx.parent_path("father"))
 
@@ -108,7 +110,8 @@ class PreflightStage(Stage):
         if "report" in stages:
             groups.append(("benchmark.report_tasks", list(self.benchmark.report_tasks)))
         for what, tasks in groups:
-            found = check_tasks(tasks, include, what)
+            found = check_tasks(tasks, include, what, metric=self.benchmark.metric,
+                                lm_eval_defaults=self.benchmark.lm_eval_defaults)
             problems += found
             if not found:
                 report.checks.append(f"{what}={tasks}")
@@ -120,6 +123,13 @@ class PreflightStage(Stage):
 
         one = replace(self.probes, sets={name: self.probes.sets[name]})
         load_probe_prompts(one, ctx.resolve)
+
+    def _check_memory(self, ctx: RunContext) -> None:
+        from darwin_hydra.stages.plan import run_plan
+
+        plan = run_plan(ctx, list(self.pipeline.stages))
+        log.info("%s", plan.table())
+        plan.check()
 
     def _check_disk(self, ctx: RunContext) -> None:
         need = ctx.readers["father"].total_bytes

@@ -19,8 +19,8 @@ class NonFiniteParentError(ValueError):
 class ScanStage(Stage):
     name = "scan"
 
-    def __init__(self, mri, probes, parents):
-        self.mri, self.probes, self.parents = mri, probes, parents
+    def __init__(self, mri, probes, parents, memory):
+        self.mri, self.probes, self.parents, self.memory = mri, probes, parents, memory
 
     def _mother_sets(self) -> list[str] | None:
         # what the user knows beats what the scan infers
@@ -40,6 +40,8 @@ class ScanStage(Stage):
             out_dir=ctx.run_dir / "scan",
             mother_sets=self._mother_sets(),
             base_path=ctx.parent_path("base"),
+            trust_remote_code=self.parents.trust_remote_code,
+            memory=self.memory,
         )
         check_finite(result)
         self._log(ctx, result)
