@@ -58,6 +58,15 @@ class ProxyTeacher(StrEnum):
     nll = "nll"
 
 
+class ChildCandidate(StrEnum):
+    """What the child may be, chosen on the dev split after the search: its best genome, the MRI's own
+    child, the best uniform ratio."""
+
+    genome = "genome"
+    mri = "mri"
+    uniform = "uniform"
+
+
 class OutsideDecoder(StrEnum):
     """Where the child takes the tensors outside the text decoder (vision/audio towers, projectors,
     MTP heads): whole from a parent, or merged by the same recipe as the rest."""
@@ -183,14 +192,26 @@ class OptimizerConfig:
     study_name: str = "darwin"
     # start CMA-ES from the MRI prescription (true) or from the centre of the bounds (false)
     mri_seeded: bool = True
+    # phase 1's next trials after the start genome: this many uniform-merge genomes at ratios i/(k+1)
+    # (search/genome.py uniform_genome), so phase 2 can start from plain interpolation where it beats the MRI
+    uniform_seeds: int = 0
+    # after phase 2, the child is the best of these on the dev split (a tie: the simpler one): the search's
+    # best genome, the MRI's own child (one more benchmark evaluation), the best uniform ratio of the baseline.
+    # [genome]: the search's genome whatever the baselines score
+    child_candidates: list[ChildCandidate] = field(
+        default_factory=lambda: [ChildCandidate.genome, ChildCandidate.mri, ChildCandidate.uniform])
 
     def __post_init__(self):
         self.proxy = _choice("optimizer.proxy", Proxy, self.proxy)
         self.proxy_teacher = _choice("optimizer.proxy_teacher", ProxyTeacher, self.proxy_teacher)
+        self.child_candidates = [_choice("optimizer.child_candidates", ChildCandidate, c) for c in self.child_candidates]
+        if not self.child_candidates or len(set(self.child_candidates)) < len(self.child_candidates):
+            raise ConfigError(f"optimizer.child_candidates={[str(c) for c in self.child_candidates]}: one or more of "
+                              "genome, mri, uniform, each once")
         for key in ("phase1_trials", "proxy_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 1")
-        for key in ("phase2_top_k", "phase2_trials", "patience", "proxy_answer_tokens"):
+        for key in ("phase2_top_k", "phase2_trials", "patience", "proxy_answer_tokens", "uniform_seeds"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
         if self.popsize is not None and self.popsize < 2:

@@ -109,3 +109,30 @@ def test_genome_hash_is_stable_and_sensitive():
     assert h != genome_hash({"a": 0.1, "b": 0.2000001}, ctx)
     assert h != genome_hash({"a": 0.1, "b": 0.2}, {"father": "abc", "mother": "xyz"})
     assert len(h) == 16
+
+
+@pytest.mark.parametrize("genome", ["darwin_v6", "darwin_v5", "layerwise"])
+def test_a_uniform_genome_merges_every_tensor_as_the_uniform_merge_does(genome):
+    """phase 1's uniform seeds: the genome of each space that is child = (1 - r) father + r mother."""
+    import torch
+
+    from darwin_hydra.merge.methods import merge_tensor
+    from darwin_hydra.merge.recipe import TensorRecipe
+    from darwin_hydra.search.genome import phase1_seeds, uniform_genome
+    from darwin_hydra.search.recipe import genome_ratio_map
+
+    space = GenomeSpace.from_config(compose([f"genome={genome}"]).genome, 6)
+    x0 = space.clip({g: (lo + hi) / 2 for g, (lo, hi) in space.bounds.items()})
+    names = [n for n in NAMES if "experts" not in n]
+    gen = torch.Generator().manual_seed(0)
+    f, m = torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    for r in (0.25, 0.6):
+        rmap = genome_ratio_map(space, uniform_genome(space, x0, r), names, {}, 6, None, None)
+        for n in names:
+            assert rmap[n].ratio == pytest.approx(r, abs=1e-6), n
+            child = merge_tensor(f, m, None, rmap[n], seed=1, name=n)
+            want = merge_tensor(f, m, None, TensorRecipe(method="linear", ratio=r), seed=1, name=n)
+            torch.testing.assert_close(child, want, atol=1e-5, rtol=1e-5)
+    seeds = phase1_seeds(space, x0, 3)
+    assert seeds[0] == (x0, {"start": True}) and len(seeds) == 4
+    assert [a["start"] for _, a in seeds[1:]] == ["uniform r=0.2500", "uniform r=0.5000", "uniform r=0.7500"]

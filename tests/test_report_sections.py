@@ -74,7 +74,7 @@ def _ctx(cfg, tmp_path: Path):
 
 def _recipe():
     genome = {"space": "darwin_v6", "mri_seeded": True, "genes": {"global_ratio": 0.5, "mri_trust": 0.7}}
-    return SimpleNamespace(genome_hash="0123456789abcdef", genome=genome, ratio_map=SimpleNamespace(summary=lambda: "3 tensors"))
+    return SimpleNamespace(genome_hash="0123456789abcdef", genome=genome, kind="genome", ratio_map=SimpleNamespace(summary=lambda: "3 tensors"))
 
 
 def test_model_card_front_matter_names_hub_parents_as_base_models(tmp_path):

@@ -101,3 +101,15 @@ def test_resume_after_sigkill_reruns_the_killed_trial_in_place_and_matches_an_un
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in resumed)
         assert [t.params for t in resumed] == [t.params for t in never_killed], phase
     assert optuna.load_study(study_name="k-phase1", storage=f"sqlite:///{db}").trials[7].params == killed_params
+
+
+def test_uniform_seeds_follow_the_start_genome_in_phase_one(tmp_path):
+    from darwin_hydra.search.genome import uniform_genome
+
+    sp = space()
+    res = run(tmp_path, phase1_trials=8, phase2_trials=0, uniform_seeds=3)
+    phase1 = [h for h in res.history if h.phase == 1]
+    assert phase1[0].genes == pytest.approx(sp.centre())
+    for h, r in zip(phase1[1:4], (0.25, 0.5, 0.75)):
+        assert h.genes == pytest.approx(uniform_genome(sp, sp.centre(), r), abs=1e-9)
+    assert len(phase1) == 8  # the seeds count in phase 1's budget

@@ -52,7 +52,10 @@ def card_data(cfg, recipe):
     from huggingface_hub import ModelCardData
 
     hub_parents = [p for p in (cfg.parents.father, cfg.parents.mother) if is_hub_id(p)]
-    method = ["evolutionary-merge", "dare-ties"] if recipe.genome is not None else [str(cfg.merge.method).replace("_", "-")]
+    if recipe.genome is not None:
+        method = ["evolutionary-merge", "dare-ties" if recipe.kind == "genome" else "linear"]
+    else:
+        method = [str(cfg.merge.method).replace("_", "-")]
     extra = {"base_model": hub_parents, "base_model_relation": "merge"} if hub_parents else {}
     return ModelCardData(library_name="transformers", tags=[*CARD_TAGS, *method], **extra)
 
@@ -68,7 +71,14 @@ def recipe_section(ctx, recipe, public: bool = False) -> str:
     if cfg.parents.base:
         lines.append(f"- base: {name(cfg.parents.base)}")
     lines.append(f"- genome_hash: `{recipe.genome_hash}`")
-    if recipe.genome is not None:
+    if recipe.genome is not None and recipe.kind != "genome":
+        entry = recipe.genome["child"]
+        what = (f"one ratio for every tensor, r = {entry['ratio']:.4f}" if entry["kind"] == "uniform" else
+                "the MRI's own ratios r_mri(T) and transplants, no genome")
+        lines.append(f"- the child is the search's **{entry['kind']}** candidate ({what}): of the search's candidates it "
+                     "scored best on the dev split (report: \"Dev candidates\")")
+        lines.append("- the search's best genome, not taken, is in `genome.json` (`genes`)")
+    elif recipe.genome is not None:
         full = recipe.genome.get("full_genome", recipe.genome["genes"])
         lines.append(f"- genome space: `{recipe.genome.get('space')}`, MRI-seeded start: {recipe.genome.get('mri_seeded')}")
         lines.append(f"- mri_trust (tau): {full.get('mri_trust', 0.0):.4f}")
@@ -124,7 +134,7 @@ def card_body(ctx, recipe, report: Mapping[str, Any] | None, public: bool = Fals
         "",
     ]
     if report:
-        for key in ("benchmark", "health", "charts"):
+        for key in ("benchmark", "candidates", "health", "charts"):
             if report.get(key):
                 parts += [report[key], ""]
     else:

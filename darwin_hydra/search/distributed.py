@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from darwin_hydra.search.genome import GenomeSpace, to_unit
+from darwin_hydra.search.genome import GenomeSpace, phase1_seeds, to_unit
 from darwin_hydra.search.loop import (
     Progress,
     SearchResult,
@@ -84,6 +84,7 @@ class SharedSearch:
     popsize: int | None
     heartbeat_s: float
     stale_after_s: float
+    uniform_seeds: int = 0  # phase 1's uniform-merge seeds after the start genome (genome.phase1_seeds)
 
     @property
     def poll_s(self) -> float:
@@ -442,7 +443,8 @@ def coordinate(
     phase1 = _phase1(search, storage)
     if run_trials:
         _register(phase1, worker)
-    phase1.seed([(unit_params(to_unit(x0, x0, space)), {"start": True})])
+    phase1.seed([(unit_params(to_unit(genes, x0, space)), attrs)
+                 for genes, attrs in phase1_seeds(space, x0, search.uniform_seeds)])
     work_phase(phase1, space, x0, proxy if run_trials else None, search, worker=worker, on_trial=on_trial)
     if benchmark is not None and search.phase2_trials > 0:
         phase2, done1 = _phase2(search, storage, phase1)

@@ -62,3 +62,15 @@ def uniform_grid(n: int) -> list[float]:
     if n <= 1:
         return [0.5]
     return [i / (n - 1) for i in range(n)]
+
+
+# a tie on dev goes to the candidate with fewer choices behind it: one ratio, then the MRI's fixed rule,
+# then the searched genome (the max of more dev scores, so the more optimistic one)
+SIMPLER_FIRST = ("uniform", "mri", "genome")
+
+
+def choose_child(rows: list[dict]) -> dict:
+    """The candidate with the highest ``dev`` score; a tie goes to the simpler kind (``SIMPLER_FIRST``)."""
+    if not rows:
+        raise ValueError("optimizer.child_candidates is empty: name at least one of genome, mri, uniform")
+    return max(rows, key=lambda row: (row["dev"], -SIMPLER_FIRST.index(row["kind"])))

@@ -284,3 +284,38 @@ def from_unit(u: Mapping[str, float], x0: Mapping[str, float], space: GenomeSpac
         c, x = float(x0[g]), float(u[g])
         out[g] = c + x * (hi - c) if x >= 0 else c + x * (c - lo)
     return space.clip(out)
+
+
+def uniform_genome(space: GenomeSpace, x0: Mapping[str, float], ratio: float) -> dict[str, float]:
+    """The genome of ``space`` that is (as near as its bounds allow) the uniform merge
+    child = (1 - r) father + r mother: ``global_ratio`` carries r (in a space without it: every
+    ``layer_*`` and component gene, each the ratio of its tensors), the other ratio genes are neutral (0.5), ``mri_trust`` 0, densities
+    1 (no DARE drop), ``merge_method_weight`` 0 (the blend method alone, linear by default); genes with
+    no say in the ratio keep their ``x0`` value."""
+    genes = dict(space.full(x0))
+    carriers = ["global_ratio"] if "global_ratio" in space.genes else [
+        g for g in space.genes if g.startswith("layer_") or g in ("attn_ratio", "ffn_ratio", "embed_ratio")]
+    for g in space.genes:
+        if g in carriers:
+            genes[g] = ratio
+        elif g in ("global_ratio", "attn_ratio", "ffn_ratio", "embed_ratio") or g.startswith(("block_", "layer_")):
+            genes[g] = 0.5
+        elif g == "mri_trust":
+            genes[g] = 0.0
+        elif g.startswith("density"):
+            genes[g] = 1.0
+        elif g == "merge_method_weight":
+            genes[g] = 0.0
+    return space.clip(genes)
+
+
+def phase1_seeds(space: GenomeSpace, x0: Mapping[str, float], uniform_seeds: int) -> list[tuple[dict[str, float], dict]]:
+    """Phase 1's first trials, as (genes, trial attributes): the start genome ``x0``, then
+    ``uniform_seeds`` uniform-merge genomes at ratios i / (k + 1) (``uniform_genome``), so that the
+    search starts from the best of the MRI's prescription and plain interpolation and phase 2's
+    top-k can hold either."""
+    seeds = [(dict(x0), {"start": True})]
+    for i in range(1, uniform_seeds + 1):
+        r = i / (uniform_seeds + 1)
+        seeds.append((uniform_genome(space, x0, r), {"start": f"uniform r={r:.4f}"}))
+    return seeds

@@ -31,11 +31,12 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
-from darwin_hydra.search.genome import GenomeSpace, from_unit, to_unit
+from darwin_hydra.search.genome import GenomeSpace, from_unit, phase1_seeds, to_unit
 
 log = logging.getLogger(__name__)
 
-Fitness = Callable[[dict[str, float]], float]
+# a genome's value, or (value, attributes stored with its trial)
+Fitness = Callable[[dict[str, float]], "float | tuple[float, dict[str, Any]]"]
 TrialCallback = Callable[[dict[str, Any]], None]
 
 
@@ -186,7 +187,7 @@ def run_phase(
     for t in sorted(complete_trials(study), key=lambda t: t.number):  # replay finished trials (resume)
         genes = trial_genes(t, space, x0, study.study_name)
         progress.add(t.value)
-        history.append(TrialRecord(phase, t.number, genes, float(t.value), progress.best))
+        history.append(TrialRecord(phase, t.number, genes, float(t.value), progress.best, dict(t.user_attrs)))
     done = len(history)
     bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=progress_desc, leave=False)
     try:
@@ -197,11 +198,16 @@ def run_phase(
                 break
             trial = handle.reopen(reopen.pop(0)) if reopen else handle.ask()
             genes = suggest_genes(trial, space, x0)
-            value = float(fitness(genes))
+            value, attrs = fitness(genes), {}
+            if isinstance(value, tuple):  # (value, what to store with the trial): kept across a resume
+                value, attrs = value
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+            value = float(value)
             study.tell(trial, value)
             progress.add(value)
             best = progress.best
-            rec = TrialRecord(phase, trial.number, genes, value, best)
+            rec = TrialRecord(phase, trial.number, genes, value, best, dict(attrs))
             history.append(rec)
             done += 1
             bar.update(1)
@@ -245,12 +251,15 @@ def search(
     popsize: int | None = None,
     stale_after_s: float = 0.0,
     on_trial: TrialCallback | None = None,
+    uniform_seeds: int = 0,
 ) -> SearchResult:
-    """Run (or resume) both phases and return the best genome (phase 2's when it ran)."""
+    """Run (or resume) both phases and return the best genome (phase 2's when it ran). Phase 1 starts
+    with ``phase1_seeds``: the start genome, then ``uniform_seeds`` uniform-merge genomes."""
     h1 = make_study(storage, f"{study_name}-phase1", seed, popsize)
     reopen1 = _recover_stale(h1, stale_after_s)
     if not h1.study.get_trials(deepcopy=False):
-        h1.study.enqueue_trial(unit_params(to_unit(x0, x0, space)), user_attrs={"start": True})
+        for genes, attrs in phase1_seeds(space, x0, uniform_seeds):
+            h1.study.enqueue_trial(unit_params(to_unit(genes, x0, space)), user_attrs=attrs)
     hist1 = run_phase(h1, space, x0, proxy, phase1_trials, 1, on_trial=on_trial, progress_desc="phase 1 (proxy)",
                       reopen=reopen1)
     best1 = max(hist1, key=lambda r: r.value)

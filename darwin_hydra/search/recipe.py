@@ -222,3 +222,57 @@ class BreedingPlan:
         """The plan a saved genome was found under (``space_for_genome``)."""
         space = space_for_genome(self.space, genes, where)
         return self if space is self.space else replace(self, space=space)
+
+    # ---- the child's candidates: the search's genome, the MRI alone, one uniform ratio -----------------
+
+    def mri_only(self) -> RatioMap:
+        """The MRI's own child (no genome): child(T) = (1 - r) father + r mother with r = r_mri(T)
+        (0.5 where the MRI gives none), the MRI's transplant rule, the MoE rules (revived rows at gain 1)
+        and ``outside_decoder``."""
+        recipes = {n: TensorRecipe(method="linear", ratio=float(self.r_mri.get(n, 0.5)), t_lo=self.t_lo, t_hi=self.t_hi)
+                   for n in self.names}
+        if self.router_source or self.revive:
+            recipes = apply_moe_rules(recipes, self.num_layers, self.router_source, self.revive)
+        return RatioMap(apply_outside_decoder(recipes, self.outside_decoder))
+
+    def candidate_hash(self, kind: str, ratio: float | None = None) -> str:
+        """genome_hash of a child that is not a genome: ``uniform`` (one ratio) or ``mri`` (``mri_only``)."""
+        context = {"candidate": kind, "parents": dict(self.fingerprints),
+                   **outside_decoder_rule(self.names, self.outside_decoder)}
+        if kind == MRI_ONLY:
+            context |= {"r_mri": digest({k: round(float(v), 12) for k, v in self.r_mri.items()}),
+                        "transplant": [self.t_lo, self.t_hi]}
+            if self.router_source:
+                context["router_source"] = list(self.router_source)
+            if self.revive:
+                context["revive"] = {str(k): sorted(v) for k, v in sorted(self.revive.items())}
+            return genome_hash({}, context)
+        if kind == UNIFORM:
+            return genome_hash({"ratio": float(ratio)}, context)
+        raise ValueError(f"unknown child candidate {kind!r}: {GENOME}, {MRI_ONLY} or {UNIFORM}")
+
+    def child(self, genome: Mapping[str, Any]) -> tuple[RatioMap, str]:
+        """(recipe, genome_hash) of the child ``genome.json`` describes: its ``child`` entry says which
+        candidate won on dev (``genome``, the default and what older files mean; ``mri``; ``uniform``
+        with its ratio)."""
+        kind, ratio = child_kind(genome)
+        if kind == GENOME:
+            plan = self.for_genome(genome["genes"])
+            return plan.ratio_map(genome["genes"]), plan.hash(genome["genes"])
+        if kind == UNIFORM:
+            return self.uniform(ratio), self.candidate_hash(UNIFORM, ratio)
+        return self.mri_only(), self.candidate_hash(MRI_ONLY)
+
+
+GENOME, MRI_ONLY, UNIFORM = "genome", "mri", "uniform"
+
+
+def child_kind(genome: Mapping[str, Any]) -> tuple[str, float | None]:
+    """(kind, ratio) of ``genome.json``'s ``child`` entry (absent: ``genome``)."""
+    entry = genome.get("child") or {"kind": GENOME}
+    kind = entry.get("kind", GENOME)
+    if kind not in (GENOME, MRI_ONLY, UNIFORM):
+        raise ValueError(f"genome.json: child kind {kind!r} is not {GENOME}, {MRI_ONLY} or {UNIFORM}")
+    if kind == UNIFORM and not isinstance(entry.get("ratio"), (int, float)):
+        raise ValueError("genome.json: a uniform child needs its ratio (child.ratio)")
+    return kind, (float(entry["ratio"]) if kind == UNIFORM else None)

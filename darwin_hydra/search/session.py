@@ -68,3 +68,9 @@ class TrialSession:
     def apply_uniform(self, ratio: float) -> None:
         """Write child = (1 - r) * father + r * mother into the trial model."""
         self.merger.apply(self.plan.uniform(ratio), f"uniform-{ratio:.6f}")
+
+    def apply_mri_only(self) -> str:
+        """Write the MRI's own child (``BreedingPlan.mri_only``) into the trial model; return its hash."""
+        h = self.plan.candidate_hash("mri")
+        self.merger.apply(self.plan.mri_only(), h)
+        return h

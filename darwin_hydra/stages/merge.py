@@ -36,7 +36,9 @@ class ChildRecipe:
     ratio_map: Any  # darwin_hydra.merge.recipe.RatioMap
     genome_hash: str
     genome: dict | None  # genome.json content, None for a plain merge
-    kind: str  # "genome" | "plain"
+    # "genome" | "plain" | "search-uniform" / "search-mri" (a search whose uniform or MRI-only candidate
+    # scored best on dev: genome.json's ``child``)
+    kind: str
 
 
 @dataclass
@@ -60,15 +62,17 @@ def child_recipe(ctx: RunContext, hash_version: int = HASH_VERSION) -> ChildReci
 
     genome = saved_genome(ctx)
     if genome is not None:
-        plan = ctx.breeding_plan().for_genome(genome["genes"])
-        h = plan.hash(genome["genes"])
+        from darwin_hydra.search.recipe import child_kind
+
+        rmap, h = ctx.breeding_plan().child(genome)
         if genome.get("genome_hash") and genome["genome_hash"] != h:
             raise ValueError(
                 f"{ctx.run_dir / 'genome.json'}: genome_hash {genome['genome_hash']} does not match the hash {h} of its "
-                "genes with these parents, prescription and settings: the parents or the config changed since the "
+                "child with these parents, prescription and settings: the parents or the config changed since the "
                 "genome was found"
             )
-        return ChildRecipe(plan.ratio_map(genome["genes"]), h, genome, "genome")
+        kind = child_kind(genome)[0]
+        return ChildRecipe(rmap, h, genome, "genome" if kind == "genome" else f"search-{kind}")
     from darwin_hydra.merge.recipe import RatioMap
     from darwin_hydra.search.recipe import apply_outside_decoder, outside_decoder_rule
 

@@ -81,6 +81,28 @@ def metric_line(results: dict) -> str:
     return "Per-item score: " + "; ".join(parts) + "."
 
 
+def candidates_section(record: dict | None) -> str:
+    """Every candidate for the child scored on the dev split (search.json's ``candidates``), the one
+    chosen and why; the proxy's rank correlation with the dev score (``proxy_vs_dev``)."""
+    if not record or not record.get("candidates"):
+        return ""
+    cands = record["candidates"]
+    chosen = cands["chosen"]
+    lines = ["## Dev candidates (how the child was chosen)", "",
+             "| candidate | dev score | proxy | genome_hash | what it is |", "|---|---|---|---|---|"]
+    for row in cands["rows"]:
+        mark = " **(child)**" if row["genome_hash"] == chosen["genome_hash"] and row["kind"] == chosen["kind"] else ""
+        proxy = f"{row['proxy']:.3g}" if row.get("proxy") is not None else "-"
+        lines.append(f"| {row['kind']}{mark} | {pct(row['dev'])} | {proxy} | `{row['genome_hash']}` | {row['how']} |")
+    lines += ["", f"The child is the {chosen['kind']} candidate: {cands['rule']}. The dev split chose it; the "
+              "benchmark above is on the test split."]
+    pv = record.get("proxy_vs_dev")
+    if pv and pv.get("spearman") is not None:
+        lines += ["", f"Proxy vs dev score: Spearman rank correlation {pv['spearman']:+.2f} over the {pv['n']} models "
+                  "scored on both (phase 2's genomes, the uniform ratios, the MRI's child)."]
+    return "\n".join(lines)
+
+
 def benchmark_section(results: dict, n_boot: int, seed: int, baseline: dict | None = None) -> tuple[str, dict]:
     """Markdown table (score % with 95% CI per task and the skill mean) and paired-bootstrap
     child-minus-other differences of the skill mean; also returns the numbers as data. ``baseline``:
@@ -245,12 +267,16 @@ class ReportStage(Stage):
                 lines += [f"### {k.replace('_', ' ')}", "", f"![{k}]({relpath(p, base)})", ""]
             return "\n".join(lines)
 
-        sections = {"benchmark": bench_md, "health": "\n\n".join(s for s in (health_section(health), moe_section(health)) if s)}
+        sections = {"benchmark": bench_md, "candidates": candidates_section(search.record if search else None),
+                    "health": "\n\n".join(s for s in (health_section(health), moe_section(health)) if s)}
         report_md = "\n\n".join(
             [f"# darwin-hydra report: {cfg.parents.name}", f"Run directory: `{ctx.run_dir}`",
              card_body(ctx, recipe, sections | {"charts": chart_md(images, ctx.run_dir)})]
         )
         bench_data["genome_hash"] = recipe.genome_hash
+        if search is not None and search.record.get("candidates"):
+            bench_data["child_chosen_on_dev"] = {"kind": search.record["candidates"]["chosen"]["kind"],
+                                                 "proxy_vs_dev": search.record.get("proxy_vs_dev")}
         ctx.write_json("benchmark.json", bench_data)
         fault_point("report")
 

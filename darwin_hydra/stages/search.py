@@ -103,9 +103,18 @@ class TrialFitness:
         h = self.session.apply_genome(genes)
         fault_point("trial")
         res = self.bench()
-        self.bench_log.append({"genome_hash": h, "mean": res.mean,
+        # the proxy of every benchmarked genome: how well phase 1's ranking predicts phase 2's (search.json)
+        self.bench_log.append({"genome_hash": h, "mean": res.mean, "proxy": self.proxy.score(self.session.model),
                                "tasks": {t: r.accuracy for t, r in res.tasks.items()}})
         return res.mean
+
+    def candidate(self, name: str, apply: Callable[[], None]) -> dict:
+        """A child candidate that is not a searched genome, merged by ``apply`` and scored on the benchmark
+        (dev) and the proxy."""
+        apply()
+        res = self.bench()
+        return {"candidate": name, "mean": res.mean, "proxy": self.proxy.score(self.session.model),
+                "tasks": {t: r.accuracy for t, r in res.tasks.items()}}
 
     def scored_bench_fitness(self, genes: dict[str, float]) -> tuple[float, dict]:
         """The benchmark value and its log entry, stored with the trial (a shared study's reader needs it)."""
@@ -113,6 +122,54 @@ class TrialFitness:
 
         value = self.bench_fitness(genes)
         return value, {BENCHMARK: self.bench_log[-1]}
+
+
+def dev_candidates(kinds, result, genome_hash: str, best_uniform: dict, fit: "TrialFitness", plan,
+                   bench_log: list[dict]) -> dict:
+    """The child's candidates, each scored on the dev split, and the one chosen: the search's best genome
+    (the best phase-2 value), the MRI's own child (one more benchmark evaluation) and the best uniform
+    ratio of the baseline, as ``optimizer.child_candidates`` lists them. The highest dev score wins; a tie
+    goes to the simpler kind (uniform, then mri, then genome). So the child is never below the uniform
+    baseline on dev."""
+    from darwin_hydra.search.fitness import choose_child
+
+    rows = []
+    for kind in [str(k) for k in kinds]:
+        if kind == "genome":
+            n2 = sum(1 for h in result.history if h.phase == 2)
+            proxy = next((e.get("proxy") for e in bench_log if e.get("genome_hash") == genome_hash), None)
+            rows.append({"kind": "genome", "dev": result.best_value, "proxy": proxy, "genome_hash": genome_hash,
+                         "how": f"the best of {n2} genome(s) CMA-ES scored on dev (phase 2)"})
+        elif kind == "mri":
+            scored = fit.candidate("mri", fit.session.apply_mri_only)
+            rows.append({"kind": "mri", "dev": scored["mean"], "proxy": scored["proxy"], "tasks": scored["tasks"],
+                         "genome_hash": plan.candidate_hash("mri"),
+                         "how": "the MRI's ratios r_mri(T) and transplants alone, no genome (one evaluation)"})
+        elif kind == "uniform":
+            r = best_uniform["ratio"]
+            rows.append({"kind": "uniform", "ratio": r, "dev": best_uniform["mean"], "proxy": best_uniform["proxy"],
+                         "genome_hash": plan.candidate_hash("uniform", r),
+                         "how": f"the best of the uniform baseline's ratios (r = {r:.4f})"})
+    chosen = choose_child(rows)
+    return {"rows": rows, "chosen": chosen,
+            "rule": "the highest dev score; a tie goes to the simpler kind (uniform, then mri, then genome)"}
+
+
+def proxy_vs_dev(bench_log: list[dict], baseline: dict | None, candidates: dict | None) -> dict | None:
+    """Spearman's rank correlation of the proxy (phase 1's fitness) with the dev score over every model
+    scored on both: phase 2's genomes, the uniform grid, the MRI-only child."""
+    pairs = [(e["proxy"], e["mean"]) for e in bench_log if e.get("proxy") is not None]
+    pairs += [(g["proxy"], g["mean"]) for g in (baseline or {}).get("grid", []) if g.get("proxy") is not None]
+    pairs += [(c["proxy"], c["dev"]) for c in (candidates or {}).get("rows", [])
+              if c["kind"] == "mri" and c.get("proxy") is not None]
+    if len(pairs) < 3:
+        return None
+    proxies, devs = [p for p, _ in pairs], [d for _, d in pairs]
+    if len(set(proxies)) < 2 or len(set(devs)) < 2:  # a constant column has no ranks to correlate
+        return {"spearman": None, "n": len(pairs)}
+    from scipy.stats import spearmanr
+
+    return {"spearman": float(spearmanr(proxies, devs).statistic), "n": len(pairs)}
 
 
 def shared_search(opt, storage: str, stale_after_s: float, n_genes: int):
@@ -123,7 +180,7 @@ def shared_search(opt, storage: str, stale_after_s: float, n_genes: int):
         storage=storage, study_name=opt.study_name, seed=opt.seed, phase1_trials=opt.phase1_trials,
         phase2_top_k=opt.phase2_top_k, phase2_trials=opt.phase2_trials, patience=opt.patience,
         min_delta=opt.min_delta, popsize=population_size(opt.popsize, opt.workers, n_genes),
-        heartbeat_s=opt.heartbeat_s, stale_after_s=stale_after_s,
+        heartbeat_s=opt.heartbeat_s, stale_after_s=stale_after_s, uniform_seeds=opt.uniform_seeds,
     )
 
 
@@ -142,8 +199,8 @@ class SearchStage(Stage):
         if not (gpath.exists() and spath.exists()):
             return None
         genome = json.loads(gpath.read_text())
-        plan = ctx.breeding_plan().for_genome(genome["genes"], str(gpath))
-        if plan.hash(genome["genes"]) != genome.get("genome_hash"):
+        ctx.breeding_plan().for_genome(genome["genes"], str(gpath))  # says when it predates a gene
+        if ctx.breeding_plan().child(genome)[1] != genome.get("genome_hash"):
             log.warning("search: %s does not match these parents, prescription and settings; searching again", gpath)
             return None
         return SearchOutcome(genome, json.loads(spath.read_text()))
@@ -229,7 +286,7 @@ class SearchStage(Stage):
                 space,
                 x0,
                 fit.proxy_fitness,
-                fit.bench_fitness if opt.phase2_trials > 0 else None,
+                fit.scored_bench_fitness if opt.phase2_trials > 0 else None,
                 storage=storage,
                 study_name=opt.study_name,
                 seed=opt.seed,
@@ -241,8 +298,12 @@ class SearchStage(Stage):
                 popsize=opt.popsize,
                 stale_after_s=stale,
                 on_trial=on_trial,
+                uniform_seeds=opt.uniform_seeds,
             )
-            bench_log = fit.bench_log
+            from darwin_hydra.search.distributed import BENCHMARK
+
+            # stored with each trial, so a resumed search has the log of trials run before the kill too
+            bench_log = [h.attrs[BENCHMARK] for h in result.history if h.phase == 2 and BENCHMARK in h.attrs]
         best_hash = plan.hash(result.best_genes)
         genome = {
             "space": space.name,
@@ -258,18 +319,24 @@ class SearchStage(Stage):
             "router_source": list(plan.router_source) if plan.router_source else None,
             "revived_experts": {str(k): v for k, v in plan.revive.items()},
         }
-        ctx.write_json("genome.json", genome)
 
         # the uniform-ratio baseline, searched with as many benchmark evaluations as phase 2 used
-        baseline = None
+        baseline, candidates = None, None
         n_eval = result.benchmark_evaluations
         if n_eval > 0:
-            grid = []
-            for r in uniform_grid(n_eval):
-                session.apply_uniform(r)
-                grid.append({"ratio": r, "mean": bench().mean})
+            grid = [fit.candidate(f"uniform r={r:.4f}", lambda r=r: session.apply_uniform(r)) | {"ratio": r}
+                    for r in uniform_grid(n_eval)]
             best_u = max(grid, key=lambda g: g["mean"])
             baseline = {"evaluations": n_eval, "grid": grid, "best_ratio": best_u["ratio"], "best_dev": best_u["mean"]}
+            candidates = dev_candidates(opt.child_candidates, result, best_hash, best_u, fit, plan, bench_log)
+            chosen = candidates["chosen"]
+            if chosen["kind"] != "genome":
+                genome["child"] = {"kind": chosen["kind"], **({"ratio": chosen["ratio"]} if "ratio" in chosen else {})}
+                genome["genome_hash"] = chosen["genome_hash"]
+                log.info("search: the %s candidate scored best on dev (%.4f, the search's best genome %.4f): it is "
+                         "the child", chosen["kind"], chosen["dev"], result.best_value)
+        ctx.write_json("genome.json", genome)
+        best_hash = genome["genome_hash"]
 
         history = [
             {"phase": h.phase, "trial": h.number, "value": h.value, "best": h.best_so_far, "genes": h.genes}
@@ -282,6 +349,8 @@ class SearchStage(Stage):
             "stopped_early": result.stopped_early,
             "proxy_teachers": proxy.teacher_of,
             "uniform_baseline": baseline,
+            "candidates": candidates,
+            "proxy_vs_dev": proxy_vs_dev(bench_log, baseline, candidates),
             "storage": shown_storage(storage),
         }
         ctx.write_json("search.json", record)
@@ -294,5 +363,6 @@ class SearchStage(Stage):
         ctx.tracker.log_artifact(f"genome-{best_hash}", "genome", [ctx.run_dir / "genome.json"])
         ctx.tracker.log_summary({"search/best_fitness": result.best_value, "search/genome_hash": best_hash,
                                  "search/benchmark_evaluations": n_eval})
-        log.info("search: best fitness %.4f (phase %d), genome_hash %s", result.best_value, result.best_phase, best_hash)
+        log.info("search: best fitness %.4f (phase %d), child genome_hash %s", result.best_value, result.best_phase,
+                 best_hash)
         return SearchOutcome(genome, record)
