@@ -193,16 +193,19 @@ class MemoryPlan:
 
     def table(self) -> str:
         """The plan as the run prints it: every part, then need against budget per device."""
-        lines = ["memory plan (estimates from the parents' headers and the config):",
-                 f"  {'phase':<7} {'device':<11} {'bytes':>10}  part"]
-        for p in self.parts:
-            lines.append(f"  {p.phase:<7} {p.device:<11} {gb(p.bytes):>10}  {p.what}" + (f" ({p.note})" if p.note else ""))
-        lines.append(f"  {'device':<11} {'need':>10} {'budget':>10}  verdict")
+        from darwin_hydra.texttable import text_table
+
+        lines = ["memory plan (estimates from the parents' headers and the config):"]
+        lines.append(text_table(["phase", "device", "bytes", "part"],
+                                [[p.phase, p.device, gb(p.bytes), p.what + (f" ({p.note})" if p.note else "")]
+                                 for p in self.parts], right=[False, False, True, False]))
+        rows = []
         for dev, need in sorted(self.need().items()):
             budget = self.budgets.get(dev)
             ok = budget is not None and need <= budget
-            lines.append(f"  {dev:<11} {gb(need):>10} {gb(budget) if budget is not None else '-':>10}  "
-                         f"{'fits' if ok else 'DOES NOT FIT'} ({self.sources.get(dev, 'no such device')})")
+            rows.append([dev, gb(need), gb(budget) if budget is not None else "-",
+                         f"{'fits' if ok else 'DOES NOT FIT'} ({self.sources.get(dev, 'no such device')})"])
+        lines.append(text_table(["device", "need", "budget", "verdict"], rows, right=[False, True, True, False]))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from darwin_hydra.mri.moe import MoeScan, moe_scan
 from darwin_hydra.mri.prescribe import FATHER, MERGE, MOTHER, Prescription, prescribe
 from darwin_hydra.mri.probes import ProbeScan, layer_importance, load_probe_prompts
 from darwin_hydra.mri.static import StaticScan, static_scan
+from darwin_hydra.texttable import text_table
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,8 @@ class MriResult:
         moe = self.moe_per_layer()
         delta = pf.delta is not None and pm.delta is not None
         f_sets = pr.father_sets
-        head = f"{'layer':>5} {'imp A':>7} {'imp B':>7} {'B adv':>7} {'BI A':>6}"
-        if delta:
-            head += f" {'D A':>7} {'D B':>7}"
-        head += f" {'r_mri':>6} {'A/mix/B':>9}"
-        if moe:
-            head += f" {'dead A':>6} {'dead B':>6} {'H A':>5} {'H B':>5}"
+        columns = ["layer", "imp A", "imp B", "B adv", "BI A"] + (["D A", "D B"] if delta else []) + ["r_mri", "A/mix/B"]
+        columns += ["dead A", "dead B", "H A", "H B"] if moe else []
         lines = [
             f"Model MRI  father={self.father}  mother={self.mother}",
             f"  {'cache hit (' + self.cache_key + ')' if self.from_cache else f'scanned in {self.scan_seconds:.1f} s'}"
@@ -237,29 +234,23 @@ class MriResult:
             + f"; {self.settings.get('name', '')}: blend={self.settings.get('blend')}, "
             f"probe_terms={pr.settings.get('probe_terms_used', self.settings.get('probe_terms'))}, "
             f"sharpen={self.settings.get('sharpen')}",
-            head,
         ]
+        rows = []
         for l in range(L):
             b_adv = -sum(adv[p][l] for p in m_sets) / max(1, len(m_sets))
             c = counts[l]
-            mix = f"{c[FATHER]}/{c[MERGE]}/{c[MOTHER]}"
-            row = f"{l:>5} {tf[l]:>7.4f} {tm[l]:>7.4f} {b_adv:>+7.4f} {bif[l]:>6.3f}"
+            row = [l, f"{tf[l]:.4f}", f"{tm[l]:.4f}", f"{b_adv:+.4f}", f"{bif[l]:.3f}"]
             if delta:
-                da = sum(pf.delta[p][l] for p in f_sets) / max(1, len(f_sets))
-                db = sum(pm.delta[p][l] for p in m_sets) / max(1, len(m_sets))
-                row += f" {da:>7.4f} {db:>7.4f}"
-            row += f" {pr.per_layer[l]:>6.3f} {mix:>9}"
+                row += [f"{sum(pf.delta[p][l] for p in f_sets) / max(1, len(f_sets)):.4f}",
+                        f"{sum(pm.delta[p][l] for p in m_sets) / max(1, len(m_sets)):.4f}"]
+            row += [f"{pr.per_layer[l]:.3f}", f"{c[FATHER]}/{c[MERGE]}/{c[MOTHER]}"]
             if moe:
                 fa, mo = moe.get("father", {}).get(l), moe.get("mother", {}).get(l)
-                row += " " + " ".join(
-                    f"{x:>6.2f}" if x is not None else f"{'-':>6}"
-                    for x in (fa and fa["dead_share"], mo and mo["dead_share"])
-                )
-                row += " " + " ".join(
-                    f"{x:>5.2f}" if x is not None else f"{'-':>5}"
-                    for x in (fa and fa["routing_entropy"], mo and mo["routing_entropy"])
-                )
-            lines.append(row)
+                row += ["-" if x is None else f"{x:.2f}" for x in (fa and fa["dead_share"], mo and mo["dead_share"],
+                                                                   fa and fa["routing_entropy"],
+                                                                   mo and mo["routing_entropy"])]
+            rows.append(row)
+        lines.append(text_table(columns, rows, right=[True] * len(columns)))
         outside = [n for n in pr.r_mri if tensor_info(n).layer is None]
         if outside:
             lines.append(
