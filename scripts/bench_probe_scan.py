@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from darwin_hydra.mri.probes import _reduce, _token_distance, _tokenize, layer_importance, text_decoder
+from darwin_hydra.mri.probes import _reduce, _token_distance, tokenize_batch, layer_importance, text_decoder
 
 log = logging.getLogger("bench_probe_scan")
 
@@ -46,7 +46,7 @@ def naive_importance(model, tokenizer, prompts, max_length, batch_size, reduce="
         for name, texts in prompts.items():
             acc = torch.zeros(L, dtype=torch.float64)
             for i in range(0, len(texts), batch_size):
-                batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
+                batch = tokenize_batch(tokenizer, texts[i : i + batch_size], max_length, device)
                 model(**batch, use_cache=False)
                 ref = cap["o"]
                 evals += L

@@ -13,9 +13,13 @@ benchmark evaluations; the trial history). Prints per family a markdown table (o
 - the verdict "child >= best uniform merge on test" per seed, and pooled over the seeds: the paired
   bootstrap of the per-item mean over the seeds (``--pooled``, default on: the child and the uniform
   merge of every run are scored again on the test items, a few seconds each);
-- proxy vs benchmark: the Spearman rank correlation between a genome's phase-1 proxy value and its
-  phase-2 dev score, over the genomes both phases scored (phase 2 starts from phase 1's top-k genomes,
-  the same parameters; matched by genes), per run and pooled per family.
+- the dev candidates (the search's genome, the MRI's child, the best uniform ratio) and which became
+  the child;
+- proxy vs benchmark: the Spearman rank correlation between proxy value and dev score over every model
+  the search scored on dev (phase 2's genomes, the uniform grid, the MRI child: ``search.json``'s
+  benchmark log); for runs made before the search recorded those, over the genomes both phases scored
+  (phase 2 starts from phase 1's top-k genomes, the same parameters; matched by genes), per run and
+  pooled per family.
 
     python scripts/family_results.py                                   # 4 families x seeds 0 1 2
     python scripts/family_results.py --families full distill --seeds 0 --out outputs/families
@@ -109,6 +113,17 @@ def proxy_vs_dev(search: dict) -> tuple[list[float], list[float], dict]:
     hist = search.get("history", [])
     p1 = [h for h in hist if h["phase"] == 1]
     p2 = [h for h in hist if h["phase"] == 2]
+    bench_log = search.get("benchmark_log") or []
+    if any(e.get("proxy") is not None for e in bench_log):
+        # recorded by the search for every model it scored on dev: phase 2's genomes, the uniform grid, the MRI child
+        pairs = [(e["proxy"], e["mean"]) for e in bench_log if e.get("proxy") is not None]
+        pairs += [(g["proxy"], g["mean"]) for g in (search.get("uniform_baseline") or {}).get("grid", [])
+                  if g.get("proxy") is not None]
+        pairs += [(c["proxy"], c["dev"]) for c in (search.get("candidates") or {}).get("rows", [])
+                  if c["kind"] == "mri" and c.get("proxy") is not None]
+        return [float(x) for x, _ in pairs], [float(y) for _, y in pairs], {
+            "phase1": len(p1), "phase2": len(p2), "both": len(pairs), "all_dev_models": True}
+
     def key(genes: dict) -> tuple:
         return tuple(sorted((g, round(float(v), 12)) for g, v in genes.items()))
 
@@ -141,6 +156,8 @@ def collect(d: Path) -> dict:
         "evaluations": search.get("benchmark_evaluations"),
         "fitness_phase": genome.get("fitness_phase"),
         "child_dev": genome.get("fitness"),
+        "child_kind": (genome.get("child") or {}).get("kind", "genome"),
+        "candidates": {c["kind"]: c["dev"] for c in (search.get("candidates") or {}).get("rows", [])},
         "proxy": xs,
         "dev": ys,
         "counts": counts,
@@ -188,7 +205,7 @@ def family_table(family: str, runs: dict[int, dict]) -> str:
             u_label = (f"{_score(m, u)} (r={float(b.get('best_ratio', 'nan')):.2f}, best of "
                        f"{len(b.get('grid') or []) or b.get('evaluations')} on dev)")
         lines.append(
-            f"| {seed} | **{_score(m, 'child')}** | {_score(m, 'father')} | {_score(m, 'mother')} | {_score(m, 'base')} "
+            f"| {seed} | **{_score(m, 'child')}** ({r.get('child_kind', 'genome')}) | {_score(m, 'father')} | {_score(m, 'mother')} | {_score(m, 'base')} "
             f"| {u_label} | **{_diff(dd, u)}** | {_diff(dd, 'father')} | {_diff(dd, 'mother')} | {_diff(dd, 'base')} |"
         )
     return "\n".join(lines)
@@ -307,11 +324,17 @@ def main() -> int:
         xs = [x for r in runs.values() for x in r["proxy"]]
         ys = [y for r in runs.values() for y in r["dev"]]
         per_run = ", ".join(
-            f"seed {s}: {_rho(r['rho'])} (n={r['counts']['both']} of {r['counts']['phase2']} phase-2 trials)"
+            f"seed {s}: {_rho(r['rho'])} (n={r['counts']['both']} "
+            + ("models scored on dev)" if r["counts"].get("all_dev_models") else
+               f"of {r['counts']['phase2']} phase-2 trials)")
             for s, r in runs.items()
         )
         rho = spearman(xs, ys)
-        print(f"proxy (phase 1) vs dev score (phase 2), Spearman: {per_run}; pooled {_rho(rho)} (n={len(xs)})")
+        print(f"proxy vs dev score, Spearman: {per_run}; pooled {_rho(rho)} (n={len(xs)})")
+        cands = "; ".join(f"seed {s}: " + ", ".join(f"{k} {_pct(v)}" for k, v in r["candidates"].items())
+                          + f" -> {r['child_kind']}" for s, r in runs.items() if r["candidates"])
+        if cands:
+            print(f"dev candidates (points): {cands}")
         codes = sorted({r["code"] for r in runs.values() if r["code"]})
         if codes:
             print("runs made with: " + " | ".join(codes))

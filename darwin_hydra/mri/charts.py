@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from darwin_hydra.mri.probes import ProbeScan
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -35,7 +35,7 @@ def importance_heatmap(scan: "ProbeScan", title: str, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title(f"{title}: layer importance (1 - cos of the final hidden state, layer skipped)")
     fig.colorbar(im, ax=ax, label="I_p(l)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def advantage_map(father: "ProbeScan", mother: "ProbeScan", path: Path) -> Path:
@@ -51,7 +51,7 @@ def advantage_map(father: "ProbeScan", mother: "ProbeScan", path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title("layer advantage: father minus mother (red: father's layer matters more)")
     fig.colorbar(im, ax=ax, label="I_A - I_B")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def expert_utilisation(father: "MoeScan", mother: "MoeScan | None", path: Path) -> Path:
@@ -74,7 +74,7 @@ def expert_utilisation(father: "MoeScan", mother: "MoeScan | None", path: Path) 
         ax.set_ylabel("layer")
         ax.set_title(f"{role}: frequency / (k/E)  (x = dead, {s.dead_rule})")
         fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def prescribed_ratio(p: "Prescription", t_lo: float, t_hi: float, path: Path) -> Path:
@@ -93,7 +93,7 @@ def prescribed_ratio(p: "Prescription", t_lo: float, t_hi: float, path: Path) ->
     ax.set_ylabel("ratio")
     ax.set_title(f"prescribed ratio per layer (mother's sets: {', '.join(p.mother_sets)})")
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def delta_heatmaps(father: "ProbeScan", mother: "ProbeScan", reference: str, path: Path) -> Path:
@@ -110,4 +110,4 @@ def delta_heatmaps(father: "ProbeScan", mother: "ProbeScan", reference: str, pat
         ax.set_xlabel("layer")
         ax.set_title(f"{role}: layer replaced by the {reference}'s (delta probe)")
         fig.colorbar(im, ax=ax, label="D_p(l)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from darwin_hydra.arch import decoder_layers, text_config
-from darwin_hydra.mri.probes import _tokenize, text_decoder
+from darwin_hydra.mri.probes import tokenize_batch, text_decoder
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def moe_scan(
     n_tokens = 0
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc="MRI MoE scan", unit="batch", disable=not progress):
-            batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
+            batch = tokenize_batch(tokenizer, texts[i : i + batch_size], max_length, device)
             state["valid"] = batch["attention_mask"].reshape(-1).bool().cpu()
             n_tokens += int(state["valid"].sum())
             owner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -169,7 +169,7 @@ def _reduce(dist: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor
     raise ValueError(f"probe reduce={reduce!r}: choose 'mean' or 'last'")
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+def tokenize_batch(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded batch (a prompt's hidden states then do not depend on what it is batched with)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -391,7 +391,7 @@ def layer_importance(
         x_sum = torch.zeros(L, dtype=torch.float64)
         tokens = 0
         for i in range(0, len(texts), batch_size):
-            batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
+            batch = tokenize_batch(tokenizer, texts[i : i + batch_size], max_length, device)
             d, b, x, e, xe = skip_layer_distances(model, batch, reduce, ref_layers)
             d_sum += d.double().sum(1)
             b_sum += b.double().sum(1)

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from darwin_hydra.mri.charts import _save  # noqa: E402  (one figure-saving rule for every chart)
+from darwin_hydra.mri.charts import save_figure  # noqa: E402  (one figure-saving rule for every chart)
 
 
 def evolution_curve(history: Sequence[Mapping], path: Path) -> Path:
@@ -31,7 +31,7 @@ def evolution_curve(history: Sequence[Mapping], path: Path) -> Path:
         ax.set_title(labels.get(ph, f"phase {ph}"), fontsize=10)
         ax.set_xlabel("trial")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def health_curves(
@@ -55,7 +55,7 @@ def health_curves(
         ax.set_xlabel("layer")
     axes[0][0].set_ylabel("importance (skip-layer cosine distance)")
     axes[0][0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def benchmark_bars(table: Mapping[str, Mapping[str, tuple[float, float, float]]], path: Path) -> Path:
@@ -77,7 +77,7 @@ def benchmark_bars(table: Mapping[str, Mapping[str, tuple[float, float, float]]]
     ax.set_ylabel("accuracy (test split, %)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, ncol=len(models), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_ratios(per_layer: Mapping[str, Sequence[float]], transplanted: Mapping[str, Sequence[int]], path: Path) -> Path:
@@ -99,4 +99,4 @@ def layer_ratios(per_layer: Mapping[str, Sequence[float]], transplanted: Mapping
         ax2.set_ylim(bottom=0)
         ax2.legend(fontsize=7, loc="upper right")
     ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -30,7 +30,7 @@ from darwin_hydra.arch import tensor_info
 from darwin_hydra.io.atomic import write_text_atomic
 from darwin_hydra.zoo.config import ZOO_FORMAT_VERSION, ZooConfig, as_dict, pair_spec, to_zoo_config, validate, zoo_hash
 from darwin_hydra.zoo.score import dead_experts, expert_shares, greedy_correct
-from darwin_hydra.zoo.skills import SkillParams, _stream_seed, eval_splits, get_skill
+from darwin_hydra.zoo.skills import SkillParams, stream_seed, eval_splits, get_skill
 from darwin_hydra.zoo.tasks import group_name, task_name, write_probes, write_task_data, write_task_yamls
 from darwin_hydra.zoo.tokenizer import char_tokenizer
 from darwin_hydra.zoo.train import Encoder, TrainJob, one_thread, run_job, trainable_layers, training_mixture
@@ -177,7 +177,7 @@ def _jobs(cfg: ZooConfig, out: Path, held: frozenset[str]) -> dict[tuple[str, st
                 skills=list(cfg.skills),
                 params=skill_params(cfg),
                 held_out=held,
-                seed=_stream_seed(cfg.seed, "model", pair, role) % (2**31),
+                seed=stream_seed(cfg.seed, "model", pair, role) % (2**31),
                 out_dir=str(out / pair / role),
                 init_from=None if role == "base" else str(out / pair / train.init),
                 upcycle_from=str(out / "dense" / "base") if role == "base" and _upcycled(cfg, pair) else None,

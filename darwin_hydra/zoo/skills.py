@@ -119,7 +119,7 @@ def get_skill(name: str) -> Skill:
         raise ValueError(f"unknown zoo skill {name!r}; known skills: {sorted(SKILLS)}") from None
 
 
-def _stream_seed(seed: int, *parts: str) -> int:
+def stream_seed(seed: int, *parts: str) -> int:
     # A seed per (skill, purpose) that does not depend on Python's hash randomisation.
     digest = hashlib.sha256("/".join([str(seed), *parts]).encode()).digest()
     return int.from_bytes(digest[:8], "little")
@@ -134,7 +134,7 @@ def eval_splits(
     earlier split (or earlier in the same split) is skipped, so no prompt appears twice.
     """
     gen = get_skill(skill)
-    rng = random.Random(_stream_seed(seed, "eval", skill))
+    rng = random.Random(stream_seed(seed, "eval", skill))
     seen: set[str] = set()
     out: dict[str, list[Item]] = {}
     for split, n in sizes.items():
@@ -172,7 +172,7 @@ class TrainStream:
         self.skills = [get_skill(n) for n in self.names]
         self.params = params
         self.held_out = held_out
-        self.rng = random.Random(_stream_seed(seed, "train", purpose))
+        self.rng = random.Random(stream_seed(seed, "train", purpose))
 
     def batch(self, size: int) -> list[Item]:
         items: list[Item] = []
