@@ -193,8 +193,9 @@ class OptimizerConfig:
     # start CMA-ES from the MRI prescription (true) or from the centre of the bounds (false)
     mri_seeded: bool = True
     # phase 1's next trials after the start genome: this many uniform-merge genomes at ratios i/(k+1)
-    # (search/genome.py uniform_genome), so phase 2 can start from plain interpolation where it beats the MRI
-    uniform_seeds: int = 0
+    # (search/genome.py uniform_genome; at most phase1_trials - 1), so the search starts from plain
+    # interpolation too where it beats the MRI's prescription (docs/search.md)
+    uniform_seeds: int = 4
     # after phase 2, the child is the best of these on the dev split (a tie: the simpler one): the search's
     # best genome, the MRI's own child (one more benchmark evaluation), the best uniform ratio of the baseline.
     # [genome]: the search's genome whatever the baselines score

@@ -25,6 +25,9 @@ def test_the_highest_dev_score_wins_and_a_tie_goes_to_the_simpler_candidate():
     rows[0]["dev"] = 0.7
     assert choose_child(rows)["kind"] == "uniform"
     assert choose_child(rows[:2])["kind"] == "mri"
+    # a float-rounding tie (the same items right, summed in another order) is a tie
+    assert choose_child([{"kind": "genome", "dev": 0.9550000000000001}, {"kind": "uniform", "dev": 0.955}])["kind"] \
+        == "uniform"
     with pytest.raises(ValueError, match="child_candidates is empty"):
         choose_child([])
 

@@ -444,7 +444,7 @@ def coordinate(
     if run_trials:
         _register(phase1, worker)
     phase1.seed([(unit_params(to_unit(genes, x0, space)), attrs)
-                 for genes, attrs in phase1_seeds(space, x0, search.uniform_seeds)])
+                 for genes, attrs in phase1_seeds(space, x0, min(search.uniform_seeds, search.phase1_trials - 1))])
     work_phase(phase1, space, x0, proxy if run_trials else None, search, worker=worker, on_trial=on_trial)
     if benchmark is not None and search.phase2_trials > 0:
         phase2, done1 = _phase2(search, storage, phase1)

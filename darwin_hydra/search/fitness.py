@@ -73,4 +73,5 @@ def choose_child(rows: list[dict]) -> dict:
     """The candidate with the highest ``dev`` score; a tie goes to the simpler kind (``SIMPLER_FIRST``)."""
     if not rows:
         raise ValueError("optimizer.child_candidates is empty: name at least one of genome, mri, uniform")
-    return max(rows, key=lambda row: (row["dev"], -SIMPLER_FIRST.index(row["kind"])))
+    # dev scores a float rounding apart (the same items right, summed in another order) are a tie
+    return max(rows, key=lambda row: (round(row["dev"], 9), -SIMPLER_FIRST.index(row["kind"])))

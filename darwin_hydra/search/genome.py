@@ -315,7 +315,7 @@ def phase1_seeds(space: GenomeSpace, x0: Mapping[str, float], uniform_seeds: int
     search starts from the best of the MRI's prescription and plain interpolation and phase 2's
     top-k can hold either."""
     seeds = [(dict(x0), {"start": True})]
-    for i in range(1, uniform_seeds + 1):
+    for i in range(1, max(uniform_seeds, 0) + 1):
         r = i / (uniform_seeds + 1)
         seeds.append((uniform_genome(space, x0, r), {"start": f"uniform r={r:.4f}"}))
     return seeds

@@ -258,7 +258,7 @@ def search(
     h1 = make_study(storage, f"{study_name}-phase1", seed, popsize)
     reopen1 = _recover_stale(h1, stale_after_s)
     if not h1.study.get_trials(deepcopy=False):
-        for genes, attrs in phase1_seeds(space, x0, uniform_seeds):
+        for genes, attrs in phase1_seeds(space, x0, min(uniform_seeds, phase1_trials - 1)):
             h1.study.enqueue_trial(unit_params(to_unit(genes, x0, space)), user_attrs=attrs)
     hist1 = run_phase(h1, space, x0, proxy, phase1_trials, 1, on_trial=on_trial, progress_desc="phase 1 (proxy)",
                       reopen=reopen1)
