@@ -77,15 +77,37 @@ def test_the_child_loads_with_the_fathers_class_generates_and_sees_an_image(bred
     assert torch.isfinite(logits).all()
 
 
-def test_experts_stored_per_expert_beside_a_father_whose_are_fused_are_named_not_merged(tmp_path):
-    """A text-only MoE mother saved by save_pretrained of a model built from its config stores her
-    experts one key per expert; the Hub father stores them fused. darwin-hydra maps names between
-    layouts, not tensor storage: preflight refuses the pair naming the expert tensors, in seconds."""
+@pytest.mark.slow
+def test_a_per_expert_mother_beside_a_fused_father_is_named_then_fused_and_bred(tmp_path):
+    """A text-only MoE mother saved by save_pretrained (one key per expert) beside the Hub's fused father:
+    preflight refuses the pair in seconds naming both storages and the command that fixes it;
+    darwin-hydra-fuse-experts writes her with fused experts (same class, same outputs), and the pair then
+    runs every stage and reproduces."""
+    from darwin_hydra.io.experts import main as fuse_main
     from darwin_hydra.stages.preflight import PreflightError
 
     father = save_hub_model("qwen3.5-35b-a3b", tmp_path / "father")
     mother = text_only_mother(father, tmp_path / "mother")
+    common = ["experiment=test_tiny", "logger=none", "parents=local", f"parents.father={father}", "probes=darwin_v6",
+              "parents.mother_skill=REASONING", "optimizer.proxy_prompts=2"]
     with pytest.raises(PreflightError) as e:
-        run(["experiment=test_tiny", "logger=none", "parents=local", f"parents.father={father}",
-             f"parents.mother={mother}", "probes=darwin_v6", "parents.mother_skill=REASONING"], tmp_path / "run")
-    assert "expert storage: father fused" in str(e.value) and "mlp.experts.0.down_proj.weight" in str(e.value)
+        run(common + [f"parents.mother={mother}"], tmp_path / "refused")
+    msg = str(e.value)
+    assert "expert storage: father fused" in msg and "mlp.experts.0.down_proj.weight" in msg
+    assert f"darwin-hydra-fuse-experts {mother} {mother}-fused" in msg
+
+    fused = tmp_path / "mother-fused"
+    assert fuse_main([str(mother), str(fused)]) == 0
+    names = CheckpointReader(fused).names
+    assert not any(".experts.0." in n for n in names) and any(n.endswith("mlp.experts.gate_up_proj") for n in names)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        before = load_model(mother, dtype="float32").eval()(input_ids=ids).logits
+        after = load_model(fused, dtype="float32").eval()(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+    run_dir = tmp_path / "run"
+    run(common + [f"parents.mother={fused}"], run_dir)
+    assert reproduce(run_dir) == ([], [])
+    child, dad = CheckpointReader(run_dir / "child"), CheckpointReader(father)
+    assert child.names == dad.names and all(child.shape(n) == dad.shape(n) for n in dad.names)

@@ -134,10 +134,12 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True, optio
                 )
         storage = _expert_storage(missing, extra)
         if storage:
+            fused, per_expert, ref_fused = storage
+            (f_role, p_role, p_reader) = (ref_role, role, other) if ref_fused else (role, ref_role, ref)
             config_diffs.append(
-                f"expert storage: {ref_role} fused ({storage[0]}), {role} one key per expert ({storage[1]}); "
-                f"darwin-hydra maps names between layouts, not storage: save one like the other (load it with "
-                f"transformers from files stored the other way, then save_pretrained)"
+                f"expert storage: {f_role} fused ({fused}), {p_role} one key per expert ({per_expert}); "
+                f"fuse the {p_role}'s experts once into a new directory and use that: darwin-hydra-fuse-experts "
+                f"{p_reader.path} {p_reader.path}-fused"
             )
         if len(missing) + len(extra) + len(shapes) + len(dtypes) > MAX_LISTED // 2:
             config_diffs.append(
@@ -150,18 +152,20 @@ def compare(readers: dict[str, CheckpointReader], tokenizers: bool = True, optio
     return config_diffs + tensor_diffs
 
 
-def _expert_storage(missing: list[str], extra: list[str]) -> tuple[str, str] | None:
-    """(a fused expert tensor one side has, a per-expert one the other has) when MoE experts are stored
-    fused (``mlp.experts.gate_up_proj``) in one checkpoint and one key per expert in the other."""
+def _expert_storage(missing: list[str], extra: list[str]) -> tuple[str, str, bool] | None:
+    """(a fused expert tensor one side has, a per-expert one the other has, whether the reference side is
+    the fused one) when MoE experts are stored fused (``mlp.experts.gate_up_proj``) in one checkpoint and
+    one key per expert in the other. ``missing``: the reference's names the other lacks; ``extra``: the
+    other's names the reference lacks."""
     import re
 
     fused = next((n for n in missing if re.search(r"\.experts\.(gate_up_proj|down_proj)$", n)), None)
     per_expert = next((n for n in extra if re.search(r"\.experts\.\d+\.", n)), None)
     if fused and per_expert:
-        return fused, per_expert
+        return fused, per_expert, True
     fused = next((n for n in extra if re.search(r"\.experts\.(gate_up_proj|down_proj)$", n)), None)
     per_expert = next((n for n in missing if re.search(r"\.experts\.\d+\.", n)), None)
-    return (per_expert, fused) if fused and per_expert else None
+    return (fused, per_expert, False) if fused and per_expert else None
 
 
 def check_compatible(readers: dict[str, CheckpointReader], tokenizers: bool = True, optional=None) -> None:
