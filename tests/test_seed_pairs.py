@@ -111,3 +111,12 @@ def test_a_per_expert_mother_beside_a_fused_father_is_named_then_fused_and_bred(
     assert reproduce(run_dir) == ([], [])
     child, dad = CheckpointReader(run_dir / "child"), CheckpointReader(father)
     assert child.names == dad.names and all(child.shape(n) == dad.shape(n) for n in dad.names)
+
+
+def test_the_side_named_for_fusing_is_the_one_stored_per_expert():
+    from darwin_hydra.io.compat import _expert_storage
+
+    fused, per = "model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.3.up_proj.weight"
+    assert _expert_storage([fused], [per]) == (fused, per, True)  # the reference (father) fused
+    assert _expert_storage([per], [fused]) == (fused, per, False)  # the father per expert: fuse him
+    assert _expert_storage([per], []) is None
