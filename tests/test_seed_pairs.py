@@ -28,7 +28,11 @@ def bred(request, tmp_path_factory):
     run_dir = root / "run"
     ctx = run(["experiment=test_tiny", "logger=none", "parents=local", f"parents.father={father}",
                f"parents.mother={mother}", "probes=darwin_v6", "parents.mother_skill=REASONING",
-               "optimizer.proxy_prompts=2"], run_dir)
+               "optimizer.proxy_prompts=2",
+               # random-weight models score 0 on every dev task, so the dev candidates tie and the simplest,
+               # the uniform merge at r=0 (the father himself), would be the child; these tests are about
+               # merging the two layouts, so the child is the search's genome
+               "optimizer.child_candidates=[genome]"], run_dir)
     return name, kind, father, mother, run_dir, ctx
 
 
