@@ -209,6 +209,11 @@ class OptimizerConfig:
         if not self.child_candidates or len(set(self.child_candidates)) < len(self.child_candidates):
             raise ConfigError(f"optimizer.child_candidates={[str(c) for c in self.child_candidates]}: one or more of "
                               "genome, mri, uniform, each once")
+        if self.phase2_trials == 0 and ChildCandidate.genome not in self.child_candidates:
+            raise ConfigError(
+                f"optimizer.child_candidates={[str(c) for c in self.child_candidates]} with optimizer.phase2_trials=0: "
+                "the candidates are compared on the benchmark's dev split, which only phase 2 uses; without it the "
+                "child is the search's genome (add genome, or give phase 2 trials)")
         for key in ("phase1_trials", "proxy_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be >= 1")

@@ -40,6 +40,8 @@ def test_child_candidates_are_checked_when_composed():
         compose(["optimizer.child_candidates=[uniform,uniform]"])
     with pytest.raises(Exception, match="child_candidates"):
         compose(["optimizer.child_candidates=[unifrm]"])
+    with pytest.raises(ConfigError, match="only phase 2 uses"):
+        compose(["optimizer.child_candidates=[uniform]", "optimizer.phase2_trials=0"])
 
 
 @pytest.fixture(scope="module")
