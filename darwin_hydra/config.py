@@ -27,6 +27,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from darwin_hydra.choices import ChildCandidate, LoggerMode, OutsideDecoder, Proxy, ProxyTeacher, RouterSource
 from darwin_hydra.dtypes import Dtype
 from darwin_hydra.merge.config import MergeConfig, MergeMethod
 from darwin_hydra.mri.config import MriConfig, ProbesConfig
@@ -35,51 +36,6 @@ from darwin_hydra.zoo.config import ZooConfig
 
 class ConfigError(ValueError):
     """A config value or key the schema refuses; the message names the option."""
-
-
-class RouterSource(StrEnum):
-    """Where an MoE block's router comes from: a parent whole, or the ratio map (``merge``)."""
-
-    father = "father"
-    mother = "mother"
-    merge = "merge"
-
-
-class Proxy(StrEnum):
-    """Phase 1's cheap fitness: the KL to each probe set's teacher parent (docs/search.md)."""
-
-    teacher_kl = "teacher_kl"
-
-
-class ProxyTeacher(StrEnum):
-    """Who teaches each probe set: the MRI's assignment, or the parent with the lower NLL."""
-
-    mri = "mri"
-    nll = "nll"
-
-
-class ChildCandidate(StrEnum):
-    """What the child may be, chosen on the dev split after the search: its best genome, the MRI's own
-    child, the best uniform ratio."""
-
-    genome = "genome"
-    mri = "mri"
-    uniform = "uniform"
-
-
-class OutsideDecoder(StrEnum):
-    """Where the child takes the tensors outside the text decoder (vision/audio towers, projectors,
-    MTP heads): whole from a parent, or merged by the same recipe as the rest."""
-
-    father = "father"
-    mother = "mother"
-    merge = "merge"
-
-
-class LoggerMode(StrEnum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
 
 
 @dataclass

@@ -47,7 +47,7 @@ def worker_command(run_dir: Path, index: int) -> list[str]:
 def wait_ready(url: str, study: str, n: int, procs, timeout_s: float = 600) -> None:
     import optuna
 
-    from darwin_hydra.search.distributed import WORKER
+    from darwin_hydra.search.liveness import WORKER
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -125,7 +125,8 @@ def study_figures(url: str, name: str) -> dict:
     import optuna
     from optuna.trial import TrialState
 
-    from darwin_hydra.search.distributed import RERUN_OF, WITHDRAWN, WORKER
+    from darwin_hydra.search.distributed import WITHDRAWN
+    from darwin_hydra.search.liveness import RERUN_OF, WORKER
 
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
