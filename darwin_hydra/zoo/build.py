@@ -33,7 +33,15 @@ from darwin_hydra.zoo.score import dead_experts, expert_shares, greedy_correct
 from darwin_hydra.zoo.skills import SkillParams, stream_seed, eval_splits, get_skill
 from darwin_hydra.zoo.tasks import group_name, task_name, write_probes, write_task_data, write_task_yamls
 from darwin_hydra.zoo.tokenizer import char_tokenizer
-from darwin_hydra.zoo.train import Encoder, TrainJob, one_thread, run_job, trainable_layers, training_mixture
+from darwin_hydra.zoo.train import (
+    Encoder,
+    TrainJob,
+    one_thread,
+    portable_numerics_env,
+    run_job,
+    trainable_layers,
+    training_mixture,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,22 +238,19 @@ def _worker(job: TrainJob) -> dict:
 def train_all(cfg: ZooConfig, out: Path, held: frozenset[str]) -> dict[tuple[str, str], dict]:
     """Train every member: the bases first, each pair's father and mother as soon as its base is saved.
 
-    ``cfg.workers`` > 1 runs jobs in that many spawned processes (one torch thread each).
+    Jobs run in ``max(cfg.workers, 1)`` spawned processes (one torch thread each) started with
+    ``PORTABLE_NUMERICS``, so a zoo's weights are the same on every x86-64 machine.
     """
     jobs = _jobs(cfg, out, held)
     total = sum(j.train.steps for j in jobs.values())
     results: dict[tuple[str, str], dict] = {}
     bar = tqdm(total=total, desc=f"zoo {cfg.name}: training", unit="step", dynamic_ncols=True)
     try:
-        if cfg.workers <= 1:
-            while len(results) < len(jobs):
-                key = _ready(cfg, set(results))[0]
-                results[key] = run_job(jobs[key], bar.update)
-                log.info("trained %s/%s in %.1f s", *key, results[key]["seconds"])
-            return results
         ctx = mp.get_context("spawn")
         progress = ctx.Queue()
-        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
+        with portable_numerics_env(), ProcessPoolExecutor(
+            max(cfg.workers, 1), mp_context=ctx, initializer=_init_worker, initargs=(progress,)
+        ) as pool:
             running: dict[Future, tuple[str, str]] = {}
             while len(results) < len(jobs):
                 for key in _ready(cfg, set(results)):

@@ -190,6 +190,47 @@ def upcycle(dense: PreTrainedModel, moe: PreTrainedModel, seed: int, noise: floa
     return moe
 
 
+# The numerics a member is trained with, set in the environment of the process that trains it before
+# torch starts there: ATen's scalar kernels instead of the ones chosen for this CPU's vector width
+# (AVX2, AVX-512, ...), and MKL's conditional numerical reproducibility in its compatible mode (the same
+# code path on every x86-64 CPU). Training a tiny model from scratch amplifies the last bit of a
+# rounding difference into a different model: without these, the same seed built zoos whose father
+# scored 85.0 / 75.8 on the test split (this machine's AVX-512 / AVX2 kernels), and the checks on the
+# zoo held on one and failed on the other. With them, forcing any other MKL or oneDNN instruction set
+# gives the same bits; training takes about 1.7x as long.
+PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+
+
+@contextlib.contextmanager
+def portable_numerics_env() -> Iterator[None]:
+    """``PORTABLE_NUMERICS`` in ``os.environ`` inside the block, for the processes started there (this
+    process's torch has already chosen its kernels)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in PORTABLE_NUMERICS}
+    os.environ.update(PORTABLE_NUMERICS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_portable_numerics() -> None:
+    """Refuse to train where the numerics are not ``PORTABLE_NUMERICS`` (a process started outside
+    ``portable_numerics_env``): its weights would depend on this machine's CPU."""
+    import os
+
+    wrong = {k: os.environ.get(k) for k, v in PORTABLE_NUMERICS.items() if os.environ.get(k) != v}
+    if wrong or torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        raise RuntimeError(
+            f"zoo training needs the environment {PORTABLE_NUMERICS} set before torch starts (found {wrong}, "
+            f"ATen kernels {torch.backends.cpu.get_cpu_capability()}); train through darwin_hydra.zoo.build.train_all")
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one thread inside the block: bit-identical results whatever the machine, and no
@@ -236,6 +277,7 @@ def run_job(job: TrainJob, progress=None) -> dict:
     ``progress`` (optional) is called with the number of steps just done. Returns a summary: seconds,
     final loss, the trained layers.
     """
+    check_portable_numerics()
     with one_thread():
         return _run_job(job, progress)
 
