@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_merge import llama_shapes  # scripts/ is on sys.path when run as a script
+
 log = logging.getLogger("bench_scale")
 
 SIZES = {  # name -> (hidden, layers)
@@ -67,23 +69,6 @@ def llama_config(hidden: int, layers: int) -> dict:
     }
 
 
-def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        for proj in ("q", "k", "v", "o"):
-            out[p + f"self_attn.{proj}_proj.weight"] = (h, h)
-        out[p + "mlp.gate_proj.weight"] = (i, h)
-        out[p + "mlp.up_proj.weight"] = (i, h)
-        out[p + "mlp.down_proj.weight"] = (h, i)
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-    out["model.norm.weight"] = (h,)
-    out["lm_head.weight"] = (v, h)
-    return out
-
-
 def build(root: Path, size: str) -> dict[str, Path]:
     """base, father, mother of ``size`` under ``root`` (reused when complete), written shard by shard."""
     import torch
@@ -95,7 +80,7 @@ def build(root: Path, size: str) -> dict[str, Path]:
     if all((d / "model.safetensors.index.json").exists() for d in dirs.values()):
         return dirs
     cfg = llama_config(*SIZES[size])
-    sh = shapes(cfg)
+    sh = llama_shapes(cfg)
     log.info("building base + 2 fine-tunes of a %.2fB-parameter bf16 llama under %s",
              sum(torch.Size(s).numel() for s in sh.values()) / 1e9, root / size)
     t0 = time.perf_counter()
