@@ -3,7 +3,6 @@ that name the key; the installed command prints the composed config from any dir
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from darwin_hydra.config import register_configs
+from darwin_hydra.testing import console_script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("__"))
@@ -90,8 +90,7 @@ def test_revive_gain_overrides_compose_and_are_checked():
 
 
 def test_cli_prints_composed_config_from_any_directory(tmp_path):
-    exe = Path(sys.executable).with_name("darwin-hydra")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "darwin_hydra.cli"]
+    cmd = console_script("darwin-hydra")
     p = subprocess.run(cmd + ["--cfg", "job", "parents=gemma4_31b"], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, HYDRA_FULL_ERROR="0"))
     assert p.returncode == 0, p.stderr
@@ -103,9 +102,7 @@ def test_cli_prints_composed_config_from_any_directory(tmp_path):
 def test_mother_skill_outside_the_probe_sets_is_refused_before_any_work(tmp_path):
     # The Hub presets name the mother's skill (REASONING); with the zoo's probes the run must say so at
     # once, not after scanning both parents (or, here, before it even looks for their weights).
-    exe = Path(sys.executable).with_name("darwin-hydra")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "darwin_hydra.cli"]
-    p = subprocess.run(cmd + ["parents=gemma4_31b", "pipeline.stages=[scan]", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+    p = subprocess.run(console_script("darwin-hydra") + ["parents=gemma4_31b", "pipeline.stages=[scan]", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert p.returncode != 0
     assert "parents.mother_skill='REASONING' is not a probe set of probes=zoo" in p.stderr

@@ -28,6 +28,7 @@ from darwin_hydra.config import compose, plain_config
 from darwin_hydra.search import distributed as d
 from darwin_hydra.search.genome import GenomeSpace
 from darwin_hydra.search.loop import search
+from darwin_hydra.testing import console_script
 
 SPAWN = multiprocessing.get_context("spawn")
 WAIT_S = 120  # a spawned worker imports torch; the machine has 2 busy cores
@@ -262,8 +263,7 @@ TINY = ["experiment=test_tiny", "logger=none", "optimizer.phase1_trials=8"]
 
 
 def _worker_command(run_dir: Path, index: int, fault: str | None = None) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("darwin-hydra-worker")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.worker import main; main()"]
+    cmd = console_script("darwin-hydra-worker")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
     env.pop("DARWIN_HYDRA_FAULT", None)
     if fault:
@@ -377,8 +377,7 @@ def test_hydras_joblib_launcher_starts_one_worker_per_index(tmp_path):
     saved.parent.mkdir(parents=True)
     OmegaConf.save(plain_config(compose(["experiment=test_tiny",
                                          "optimizer.storage=postgresql+psycopg://u@127.0.0.1:9/db"])), saved)
-    exe = Path(sys.executable).with_name("darwin-hydra-worker")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.worker import main; main()"]
+    cmd = console_script("darwin-hydra-worker")
     out = subprocess.run(cmd + ["-m", f"run_dir={tmp_path}", "index=range(1,3)", "hydra/launcher=joblib",
                                 "hydra.launcher.n_jobs=2", "wait_s=1"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))

@@ -5,26 +5,21 @@ MoE rules, multirun sweeps. (Resume: tests/test_run_contract.py and tests/test_f
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from darwin_hydra.io.reader import CheckpointReader
+from darwin_hydra.testing import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=test_tiny"]
 
 
-def _cmd(name):
-    exe = Path(sys.executable).with_name(name)
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.cli import main; main()"]
-
-
 def run_app(run_dir, *overrides, check=True, quick=True):
     """The installed command with ``QUICK`` (the tiny zoo, small budgets) unless ``quick=False``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    p = subprocess.run(_cmd("darwin-hydra") + (QUICK if quick else []) + [f"hydra.run.dir={run_dir}", *overrides],
+    p = subprocess.run(console_script("darwin-hydra") + (QUICK if quick else []) + [f"hydra.run.dir={run_dir}", *overrides],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
@@ -32,9 +27,7 @@ def run_app(run_dir, *overrides, check=True, quick=True):
 
 
 def reproduce(run_dir):
-    exe = Path(sys.executable).with_name("darwin-hydra-reproduce")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from darwin_hydra.cli import reproduce_main; reproduce_main()"]
-    return subprocess.run(cmd + [str(run_dir)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(console_script("darwin-hydra-reproduce") + [str(run_dir)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +105,7 @@ def test_moe_pair_end_to_end_with_router_source_and_revival(tmp_path):
 def test_multirun_sweep_gives_two_searches_in_one_wandb_group(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     p = subprocess.run(
-        _cmd("darwin-hydra") + ["-m", *QUICK, "pipeline.stages=[scan,prescribe,search]", "optimizer.phase2_trials=0",
+        console_script("darwin-hydra") + ["-m", *QUICK, "pipeline.stages=[scan,prescribe,search]", "optimizer.phase2_trials=0",
                                 "genome.bounds.mri_trust=[0.0,0.5],[0.5,1.0]", f"hydra.sweep.dir={tmp_path}/sweep"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]

@@ -6,10 +6,10 @@ directory. (scripts/fault_inject.py kills at random moments, many times.)"""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from darwin_hydra.testing import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # mri.cache=false: every attempt really scans (a cached scan would skip the scan's fault point)
@@ -17,8 +17,7 @@ ARGS = ["experiment=test_tiny", "logger=none", "mri.cache=false"]
 
 
 def darwin_hydra(run_dir, *overrides, fault=None):
-    exe = Path(sys.executable).with_name("darwin-hydra")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.cli import main; main()"]
+    cmd = console_script("darwin-hydra")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
     env.pop("DARWIN_HYDRA_FAULT", None)
     if fault:

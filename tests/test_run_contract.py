@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from darwin_hydra.config import ConfigError, compose
 from darwin_hydra.run import ResumeConflictError, run
 from darwin_hydra.stages.preflight import PreflightError
+from darwin_hydra.testing import console_script
 
 TINY = ["experiment=test_tiny", "logger=none"]
 
@@ -253,14 +254,10 @@ def test_reproduce_refuses_parents_the_child_was_not_bred_from(tmp_path):
 
 def test_a_group_option_of_your_own_from_your_config_directory(tmp_path):
     import subprocess
-    import sys
-    from pathlib import Path
 
     (tmp_path / "probes").mkdir()
     (tmp_path / "probes" / "mine.yaml").write_text("name: mine\nsets:\n  MATH: {source: /data/math.jsonl, n: 5}\n")
-    exe = Path(sys.executable).with_name("darwin-hydra")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from darwin_hydra.cli import main; main()"]
-    p = subprocess.run(cmd + ["--config-dir", str(tmp_path), "probes=mine", "--cfg", "job"], capture_output=True,
+    p = subprocess.run(console_script("darwin-hydra") + ["--config-dir", str(tmp_path), "probes=mine", "--cfg", "job"], capture_output=True,
                        text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "source: /data/math.jsonl" in p.stdout and "name: mine" in p.stdout
